@@ -1,0 +1,147 @@
+"""The engine: one loaded detector plus the operations that use its faces.
+
+    engine = Engine()                                  # models from the bundle, CPU
+    faces = engine.detect(bgr_image)                   # list[Face]
+    result = engine.anonymize_bytes(jpeg_bytes)        # bytes out + report, no files
+    report = engine.anonymize_file("in.jpg", "out.jpg")
+
+Operations are objects with `apply(pixels, faces) -> pixels` so new ones (face swap) plug in
+beside masking without touching the decode/detect/encode flow.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import images
+from .anonymize import MaskOptions, apply_masks
+from .detectors import DEFAULT_DETECTOR, Detector, load_detector
+from .face import Face, iou
+
+# Masked output must show no face to the detector even at a low threshold (0.3); check
+# below it to leave room for what re-encoding changes.
+VERIFY_THRESHOLD = 0.2
+
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mts"}
+IMAGE_EXTENSIONS = set(images.EXTENSION_FORMAT)
+
+
+class Operation(Protocol):
+    def apply(self, pixels: np.ndarray, faces: list[Face]) -> np.ndarray: ...
+
+
+@dataclass
+class Mask:
+    """Mask faces; with `verify`, look again at a low threshold and mask harder where the
+    detector still sees a face inside a mask (the irreversibility check, up to 3 rounds)."""
+    options: MaskOptions = field(default_factory=MaskOptions)
+    verify: Detector | None = None
+    verify_threshold: float = VERIFY_THRESHOLD
+
+    def apply(self, pixels: np.ndarray, faces: list[Face]) -> np.ndarray:
+        apply_masks(pixels, faces, self.options)
+        if self.verify is None or not faces:
+            return pixels
+        opts = self.options
+        for _ in range(3):
+            seen = self.verify.detect(images.to_bgr8(pixels), self.verify_threshold)
+            again = [f for f in faces if any(iou(f.box, s.box) > 0 for s in seen)]
+            if not again:
+                break
+            opts = opts.stronger()
+            apply_masks(pixels, again, opts)
+        return pixels
+
+
+@dataclass
+class Result:
+    data: bytes
+    format: str
+    report: dict[str, Any]
+
+
+class Engine:
+    def __init__(self, detector: str | Detector = DEFAULT_DETECTOR, model_dir=None,
+                 providers=None, threads: int = 0, max_side: int | None = None,
+                 threshold: float | None = None):
+        self.detector = detector if isinstance(detector, Detector) else load_detector(
+            detector, model_dir=model_dir, providers=providers, threads=threads, max_side=max_side)
+        self.threshold = self.detector.default_threshold if threshold is None else threshold
+
+    # --- faces ---------------------------------------------------------------------------
+    def detect(self, bgr: np.ndarray, threshold: float | None = None) -> list[Face]:
+        return self.detector.detect(bgr, self.threshold if threshold is None else threshold)
+
+    def detect_batch(self, frames: list[np.ndarray], threshold: float | None = None) -> list[list[Face]]:
+        return self.detector.detect_batch(frames, self.threshold if threshold is None else threshold)
+
+    # --- stills --------------------------------------------------------------------------
+    def analyze_picture(self, picture: images.Picture, source: str = "") -> dict[str, Any]:
+        faces = self.detect(images.to_bgr8(picture.pixels))
+        return {"source": source, "width": picture.width, "height": picture.height,
+                "format": picture.format, "faces": [f.to_dict() for f in faces]}
+
+    def analyze_bytes(self, data: bytes, source: str = "") -> dict[str, Any]:
+        return self.analyze_picture(images.decode(data), source)
+
+    def process_picture(self, picture: images.Picture, operation: Operation) -> list[list[Face]]:
+        """Apply `operation` to every frame (one, or each GIF frame) in place; faces per frame."""
+        frames = picture.frames if picture.frames else [picture.pixels]
+        found = []
+        for pixels in frames:
+            faces = self.detect(images.to_bgr8(pixels))
+            operation.apply(pixels, faces)
+            found.append(faces)
+        return found
+
+    def anonymize_bytes(self, data: bytes, options: MaskOptions | None = None,
+                        out_format: str | None = None, source: str = "",
+                        verify: bool = True) -> Result:
+        start = time.perf_counter()
+        picture = images.decode(data)
+        found = self.process_picture(picture, Mask(options or MaskOptions(),
+                                                   self.detector if verify else None))
+        fmt = out_format or picture.format
+        out = images.encode(picture, fmt)
+        report = {"source": source, "width": picture.width, "height": picture.height,
+                  "format": fmt, "faces": [f.to_dict() for f in found[0]],
+                  "ms": round((time.perf_counter() - start) * 1000, 1)}
+        if len(found) > 1:
+            report["frames"] = [{"frame": i, "faces": [f.to_dict() for f in faces]}
+                                for i, faces in enumerate(found)]
+        return Result(out, fmt, report)
+
+    def anonymize_file(self, src: Path | str, dst: Path | str,
+                       options: MaskOptions | None = None, verify: bool = True,
+                       **video_args) -> dict[str, Any]:
+        src, dst = Path(src), Path(dst)
+        if src.suffix.lower() in VIDEO_EXTENSIONS:
+            from .video import anonymize_video
+            return anonymize_video(self, src, dst, options or MaskOptions(), **video_args)
+        data = _read_bytes(src)
+        picture_format = images.sniff(data)[0]
+        result = self.anonymize_bytes(data, options, images.format_for(dst, picture_format),
+                                      source=str(src), verify=verify)
+        images.atomic_write(dst, result.data)
+        result.report["output"] = str(dst)
+        return result.report
+
+    def analyze_file(self, src: Path | str) -> dict[str, Any]:
+        src = Path(src)
+        if src.suffix.lower() in VIDEO_EXTENSIONS:
+            from .video import analyze_video
+            return analyze_video(self, src)
+        return self.analyze_bytes(_read_bytes(src), source=str(src))
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise images.BadInput(f"{path} is a directory") from None
+    except OSError as exc:
+        raise images.BadInput(f"cannot read {path}: {exc.strerror}") from None
