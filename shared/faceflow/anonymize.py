@@ -66,9 +66,11 @@ def _obscured(roi: np.ndarray, opts: MaskOptions) -> np.ndarray:
     small = cv2.resize(roi, (sw, sh), interpolation=cv2.INTER_AREA)
     if opts.method == "pixelate":
         return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
-    smooth = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-    k = max(3, int(step) | 1)  # soften the cell grid that linear upscaling leaves
-    return cv2.GaussianBlur(smooth, (k, k), 0)
+    # Smooth the cell grid at a low resolution (8 px a cell), then scale up: cheap whatever
+    # the face size.
+    mid = cv2.resize(small, (sw * 8, sh * 8), interpolation=cv2.INTER_LINEAR)
+    mid = cv2.GaussianBlur(mid, (9, 9), 0)
+    return cv2.resize(mid, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def apply_masks(pixels: np.ndarray, faces: list[Face], opts: MaskOptions) -> np.ndarray:
@@ -90,6 +92,6 @@ def apply_masks(pixels: np.ndarray, faces: list[Face], opts: MaskOptions) -> np.
         axes = (max(1, int(w * opts.mask_scale / 2)), max(1, int(h * opts.mask_scale * 1.1 / 2)))
         inside = np.zeros(roi.shape[:2], np.uint8)
         cv2.ellipse(inside, (int(cx), int(cy)), axes, 0, 0, 360, 1, -1)
-        sel = inside.astype(bool)
-        target[sel] = masked[sel]
+        where = inside.astype(bool)
+        np.copyto(target, masked, where=where[..., None] if target.ndim == 3 else where)
     return pixels
