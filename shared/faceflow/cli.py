@@ -1,0 +1,157 @@
+"""The `faceflow` command: anonymize, analyze, models."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from . import bundle
+from .images import BadInput
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_MODELS = 1, 2, 3
+
+
+def _mask_options(args):
+    from .anonymize import MaskOptions
+    try:
+        return MaskOptions(method=args.method, shape=args.shape, mask_scale=args.mask_scale,
+                           cells=args.cells)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _engine(args, threads: int = 0):
+    from .engine import Engine
+    return Engine(detector=args.detector, model_dir=args.models, providers=args.providers,
+                  threads=threads, max_side=args.max_side, threshold=args.threshold)
+
+
+def _video_options(args):
+    from .video import VideoOptions
+    return VideoOptions(keep_audio=not args.no_audio, max_missing_s=args.hold, batch=args.batch)
+
+
+def cmd_anonymize(args) -> int:
+    from . import batch
+    src = Path(args.input)
+    if src.is_dir():
+        return batch.run_batch(args, src, Path(args.output))
+    dst = Path(args.output)
+    if dst.is_dir():
+        dst = dst / src.name
+    if dst.resolve() == src.resolve():
+        raise BadInput("output would overwrite the input")
+    engine = _engine(args)
+    kwargs = {"verify": not args.no_verify}
+    if src.suffix.lower() in batch.VIDEO_EXTENSIONS:
+        kwargs.update(report=args.report, options=_video_options(args),
+                      progress=batch.Progress(src.name) if sys.stderr.isatty() else None)
+    report = engine.anonymize_file(src, dst, _mask_options(args), **kwargs)
+    if args.report and src.suffix.lower() not in batch.VIDEO_EXTENSIONS:
+        from .images import atomic_write
+        atomic_write(args.report, json.dumps(report, indent=1).encode())
+    faces = report.get("faces") if isinstance(report.get("faces"), int) else len(report.get("faces", []))
+    print(f"{src} -> {dst}: {faces} face(s) masked in {report['ms']:.0f} ms", file=sys.stderr)
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .batch import expand_inputs
+    engine = _engine(args)
+    status = 0
+    for path in expand_inputs([Path(p) for p in args.paths]):
+        try:
+            record = engine.analyze_file(path)
+        except BadInput as exc:
+            record = {"source": str(path), "error": str(exc)}
+            print(f"faceflow: {path}: {exc}", file=sys.stderr)
+            status = EXIT_BAD_INPUT
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
+    return status
+
+
+def cmd_models(args) -> int:
+    if args.action == "fetch":
+        bundle.fetch(args.dir, args.only or None, log=lambda m: print(m, file=sys.stderr))
+        return 0
+    if args.action == "verify":
+        problems = bundle.verify(args.dir)
+        for p in problems:
+            print(p, file=sys.stderr)
+        print("ok" if not problems else f"{len(problems)} problem(s)", file=sys.stderr)
+        return EXIT_MODELS if problems else 0
+    manifest = bundle.load_manifest(Path(args.dir) if args.dir else None)
+    for name, entry in manifest["models"].items():
+        print(f"{name:12} {entry['licence']:11} {entry['package']:30} {entry['member']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="faceflow", description="Find and anonymise faces in photos and videos.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def engine_options(sp):
+        sp.add_argument("--detector", default="yunet", help="yunet (default), retinaface, centerface, or an .onnx path")
+        sp.add_argument("--threshold", type=float, default=None, help="detection score threshold (detector default)")
+        sp.add_argument("--max-side", type=int, default=None, help="longest side the detector sees (default 640)")
+        sp.add_argument("--models", default=None, help="model folder (default $FACEFLOW_MODEL_DIR or ~/.cache/faceflow/models)")
+        sp.add_argument("--providers", default=None, help="onnxruntime providers: cpu, gpu, or a comma list")
+
+    a = sub.add_parser("anonymize", aliases=["anonymise"], help="mask every face in a photo, video or folder")
+    a.add_argument("input")
+    a.add_argument("-o", "--output", required=True, help="output file, or folder for a folder input")
+    a.add_argument("--method", default="blur", choices=["blur", "pixelate", "solid"])
+    a.add_argument("--shape", default="ellipse", choices=["ellipse", "box"])
+    a.add_argument("--mask-scale", type=float, default=1.4, help="mask size relative to the face box")
+    a.add_argument("--cells", type=int, default=4, help="detail left across a face (blur/pixelate; lower is stronger)")
+    a.add_argument("--report", default=None, help="JSON report (file; a folder for a folder input)")
+    a.add_argument("--summary", default=None, help="batch summary, .csv or .json (default OUTPUT/faceflow-summary.csv)")
+    a.add_argument("--workers", type=int, default=1, help="parallel processes for a folder")
+    a.add_argument("--force", action="store_true", help="redo files whose output is already there")
+    a.add_argument("--no-audio", action="store_true", help="drop audio from videos (kept by default)")
+    a.add_argument("--no-verify", action="store_true", help="skip the check that masked faces are undetectable")
+    a.add_argument("--hold", type=float, default=1.5, help="seconds a lost face stays covered in video")
+    a.add_argument("--batch", type=int, default=1, help="video frames per detector call")
+    engine_options(a)
+    a.set_defaults(func=cmd_anonymize)
+
+    z = sub.add_parser("analyze", aliases=["analyse"], help="print faces as JSON Lines")
+    z.add_argument("paths", nargs="+")
+    engine_options(z)
+    z.set_defaults(func=cmd_analyze)
+
+    m = sub.add_parser("models", help="fetch, verify or list the model bundle")
+    m.add_argument("action", choices=["fetch", "verify", "list"])
+    m.add_argument("--dir", default=None, help="model folder (default as --models above)")
+    m.add_argument("--only", action="append", help="fetch only this model (repeatable)")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BadInput as exc:
+        print(f"faceflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except bundle.ModelError as exc:
+        print(f"faceflow: model error: {exc}", file=sys.stderr)
+        return EXIT_MODELS
+    except KeyboardInterrupt:
+        print("faceflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; the trace on request
+        if os.environ.get("FACEFLOW_DEBUG"):
+            traceback.print_exc()
+        print(f"faceflow: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
