@@ -1,0 +1,76 @@
+"""Acceptance on real videos: coverage through occlusion, scene cuts, audio, frame count."""
+from __future__ import annotations
+
+import json
+
+import av
+import pytest
+
+from conftest import data_path
+
+pytestmark = pytest.mark.slow
+
+
+def streams(path):
+    with av.open(str(path)) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        end = max((p.pts + (p.duration or 0)) * p.time_base for p in c.demux(video=0) if p.pts is not None)
+        return {"frames": frames, "end": float(end), "audio": len(c.streams.audio),
+                "codec": v.codec_context.name}
+
+
+@pytest.fixture(scope="module")
+def pexels(engine, tmp_path_factory):
+    src = data_path("video", "pyfeat_WolfgangLanger_Pexels.mp4")
+    out = tmp_path_factory.mktemp("pexels") / "out.mp4"
+    report = out.with_suffix(".json")
+    summary = engine.anonymize_file(src, out, report=report)
+    return src, out, json.loads(report.read_text()), summary
+
+
+def test_face_covered_on_every_frame_even_under_the_hand(pexels):
+    src, out, report, summary = pexels
+    frames = report["frames"]
+    assert len(frames) == 472
+    covered = [bool(f["faces"]) for f in frames]
+    assert sum(covered) / len(covered) >= 0.99
+    assert all(covered[100:231])
+    for f in frames:
+        for face in f["faces"]:
+            assert face["source"] in ("detected", "tracked", "interpolated")
+            assert isinstance(face["track"], int)
+
+
+def test_output_keeps_audio_frames_and_duration(pexels):
+    src, out, report, summary = pexels
+    a, b = streams(src), streams(out)
+    assert b["codec"] == "h264"
+    assert b["frames"] == a["frames"]
+    assert b["audio"] == a["audio"] == 1
+    assert abs(b["end"] - a["end"]) < 1 / 23.976 + 1e-3
+    assert summary["audio"] is True
+
+
+def test_hevc_scene_cut_and_audio(engine, tmp_path):
+    src = data_path("video", "pyfeat_face_noface.mov")
+    out, report = tmp_path / "out.mp4", tmp_path / "out.json"
+    engine.anonymize_file(src, out, report=report)
+    frames = json.loads(report.read_text())["frames"]
+    assert len(frames) == 169
+    assert all(f["faces"] for f in frames[:60])
+    assert not any(f["faces"] for f in frames[80:])
+    a, b = streams(src), streams(out)
+    assert a["codec"] == "hevc" and b["codec"] == "h264"
+    assert b["frames"] == a["frames"] and b["audio"] == 1
+    assert abs(b["end"] - a["end"]) < 2 / 26.4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_video_report_is_written_only_when_complete(engine, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
+    with pytest.raises(Exception):
+        engine.anonymize_file(bad, tmp_path / "out.mp4", report=tmp_path / "r.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mp4"]
