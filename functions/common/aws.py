@@ -1,0 +1,67 @@
+"""The edge adapters every function shares: settings, S3 client, Redis, jobs, idempotency.
+
+Built once per execution environment (at init), reused by every invocation.
+"""
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from urllib.parse import unquote_plus
+
+import boto3
+import redis
+from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig
+from aws_lambda_powertools.utilities.idempotency.persistence.cache import CachePersistenceLayer
+from botocore.config import Config
+
+from .jobs import JobStore, job_id_for_object
+from .settings import RESULT_PREFIX, UPLOAD_PREFIX, Settings
+
+_API_JOB_KEY = re.compile(rf"^{UPLOAD_PREFIX}(?P<job>[0-9a-f]{{32}})/(?P<name>[^/]+)$")
+
+
+class Adapters:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings.from_env()
+
+    @cached_property
+    def s3(self):
+        return boto3.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                                                signature_version="s3v4"))
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url, decode_responses=True,
+                                    socket_timeout=5, socket_connect_timeout=3)
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        return JobStore(self.redis, self.settings.job_ttl_s)
+
+    @cached_property
+    def idempotency_store(self) -> CachePersistenceLayer:
+        return CachePersistenceLayer(client=self.redis)
+
+    @cached_property
+    def idempotency_config(self) -> IdempotencyConfig:
+        return IdempotencyConfig(expires_after_seconds=self.settings.job_ttl_s)
+
+
+def object_identity(bucket: str, raw_key: str, version: str | None, etag: str | None) -> dict:
+    """What makes an upload unique: bucket + key + version (or etag when unversioned).
+    S3 event keys are URL-encoded (a space arrives as '+')."""
+    key = unquote_plus(raw_key)
+    return {"bucket": bucket, "key": key, "version": version or etag or ""}
+
+
+def job_for_key(bucket: str, key: str, version: str) -> tuple[str, str]:
+    """(job id, file name) for an upload: API jobs upload to uploads/<job id>/<name>; anything
+    else dropped into the bucket gets an id derived from its identity."""
+    match = _API_JOB_KEY.match(key)
+    if match:
+        return match["job"], match["name"]
+    return job_id_for_object(bucket, key, version), key.rsplit("/", 1)[-1]
+
+
+def result_keys(job_id: str, name: str) -> tuple[str, str]:
+    return f"{RESULT_PREFIX}{job_id}/{name}", f"{RESULT_PREFIX}{job_id}/{name}.json"

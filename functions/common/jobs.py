@@ -1,0 +1,70 @@
+"""Job records in Redis: one hash per job, with a TTL.
+
+status: queued → running → done | failed (with the error). Fields are strings; `outputs`
+and `progress` are JSON. Nothing here falls back silently: a Redis error propagates, so the
+function fails and Lambda retries.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+import redis
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+STATUSES = (QUEUED, RUNNING, DONE, FAILED)
+_JSON_FIELDS = ("outputs", "progress", "options")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def job_id_for_object(bucket: str, key: str, version: str) -> str:
+    """A stable id for an object dropped into the bucket without an API job: the same
+    upload (bucket, key, version or etag) always maps to the same job."""
+    return hashlib.sha256(f"{bucket}\n{key}\n{version}".encode()).hexdigest()[:32]
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, ttl_s: int, prefix: str = "faceflow:job:"):
+        self.client, self.ttl_s, self.prefix = client, ttl_s, prefix
+
+    @classmethod
+    def from_url(cls, url: str, ttl_s: int) -> "JobStore":
+        return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
+                                        socket_connect_timeout=3), ttl_s)
+
+    def _key(self, job_id: str) -> str:
+        return self.prefix + job_id
+
+    def put(self, job_id: str, status: str, **fields: Any) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status}")
+        now = str(time.time())
+        record = {"status": status, "updated": now}
+        for name, value in fields.items():
+            if value is None:
+                continue
+            record[name] = json.dumps(value) if name in _JSON_FIELDS else str(value)
+        key = self._key(job_id)
+        pipe = self.client.pipeline()
+        pipe.hsetnx(key, "created", now)
+        pipe.hset(key, mapping=record)
+        pipe.expire(key, self.ttl_s)
+        pipe.execute()
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.client.hgetall(self._key(job_id))
+        if not raw:
+            return None
+        job = {"id": job_id, **raw}
+        for name in _JSON_FIELDS:
+            if name in job:
+                job[name] = json.loads(job[name])
+        for name in ("created", "updated"):
+            job[name] = float(job[name])
+        return job

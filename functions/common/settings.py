@@ -1,0 +1,49 @@
+"""Function configuration, read once from the environment (set by template.yaml or devstack).
+
+| variable | meaning | default |
+|---|---|---|
+| FACEFLOW_INPUT_BUCKET | bucket that uploads land in (the only one with a trigger) | required |
+| FACEFLOW_OUTPUT_BUCKET | bucket that results are written to (no trigger: no loop) | required |
+| FACEFLOW_REDIS_URL | redis:// or rediss:// URL of the job store and idempotency records | required |
+| FACEFLOW_JOB_TTL_S | how long job records live | 604800 (7 days) |
+| FACEFLOW_MAX_UPLOAD_BYTES | largest object the stills function will read | 26214400 (25 MiB) |
+| FACEFLOW_MAX_SYNC_BYTES | largest body POST /v1/analyze and /v1/anonymize accept | 5242880 (5 MiB) |
+| FACEFLOW_URL_TTL_S | lifetime of presigned upload/download URLs | 900 |
+| FACEFLOW_MODEL_DIR | model bundle (baked into the image at /opt/faceflow/models) | see faceflow.bundle |
+| AWS_ENDPOINT_URL | boto3's own: points S3/SQS/SageMaker at moto in tests | unset (AWS) |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+UPLOAD_PREFIX = "uploads/"   # the input bucket's trigger prefix
+RESULT_PREFIX = "results/"   # where results go in the output bucket
+
+
+@dataclass(frozen=True)
+class Settings:
+    input_bucket: str
+    output_bucket: str
+    redis_url: str
+    job_ttl_s: int = 7 * 24 * 3600
+    max_upload_bytes: int = 25 * 1024 * 1024
+    max_sync_bytes: int = 5 * 1024 * 1024
+    url_ttl_s: int = 900
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        missing = [v for v in ("FACEFLOW_INPUT_BUCKET", "FACEFLOW_OUTPUT_BUCKET", "FACEFLOW_REDIS_URL")
+                   if not os.environ.get(v)]
+        if missing:
+            raise RuntimeError(f"missing configuration: {', '.join(missing)}")
+        env = os.environ
+        return cls(
+            input_bucket=env["FACEFLOW_INPUT_BUCKET"],
+            output_bucket=env["FACEFLOW_OUTPUT_BUCKET"],
+            redis_url=env["FACEFLOW_REDIS_URL"],
+            job_ttl_s=int(env.get("FACEFLOW_JOB_TTL_S", cls.job_ttl_s)),
+            max_upload_bytes=int(env.get("FACEFLOW_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
+            max_sync_bytes=int(env.get("FACEFLOW_MAX_SYNC_BYTES", cls.max_sync_bytes)),
+            url_ttl_s=int(env.get("FACEFLOW_URL_TTL_S", cls.url_ttl_s)),
+        )

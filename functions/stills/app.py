@@ -1,0 +1,96 @@
+"""S3 upload of a photo → anonymised photo + JSON sidecar in the output bucket.
+
+Idempotent per upload (bucket + key + version/etag) through Powertools' Redis persistence
+layer: S3 delivers events at least once, and a repeat returns the first result without
+writing again. If Redis is unreachable the invocation fails (Lambda retries) rather than
+running without that guarantee.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
+from aws_lambda_powertools.utilities.idempotency import idempotent_function
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from faceflow.engine import Engine
+from faceflow.images import BadInput
+from functions.common.aws import Adapters, job_for_key, object_identity, result_keys
+from functions.common.jobs import DONE, FAILED, RUNNING
+
+logger = Logger(service="faceflow-stills")
+tracer = Tracer(service="faceflow-stills")
+metrics = Metrics(namespace="faceflow", service="faceflow-stills")
+
+adapters = Adapters()
+engine = Engine()  # models load once per execution environment, at init
+
+CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+@idempotent_function(data_keyword_argument="upload", config=adapters.idempotency_config,
+                     persistence_store=adapters.idempotency_store)
+def process_upload(upload: dict, size: int | None) -> dict:
+    job_id, name = job_for_key(upload["bucket"], upload["key"], upload["version"])
+    logger.append_keys(job_id=job_id)  # ids only: no keys, faces or pixels in logs
+    jobs, settings = adapters.jobs, adapters.settings
+    jobs.put(job_id, RUNNING, input=f"s3://{upload['bucket']}/{upload['key']}")
+    start = time.perf_counter()
+    try:
+        data = _read(upload, size, settings.max_upload_bytes)
+        result = engine.anonymize_bytes(data, source=name)
+    except BadInput as exc:
+        jobs.put(job_id, FAILED, error=str(exc))
+        metrics.add_metric(name="JobsFailed", unit=MetricUnit.Count, value=1)
+        logger.warning("upload refused", extra={"reason": str(exc)})
+        return {"job_id": job_id, "status": FAILED, "error": str(exc)}
+    image_key, sidecar_key = result_keys(job_id, name)
+    report = {"job_id": job_id, **result.report, "source": name}
+    s3 = adapters.s3
+    s3.put_object(Bucket=settings.output_bucket, Key=image_key, Body=result.data,
+                  ContentType=CONTENT_TYPES[result.format])
+    s3.put_object(Bucket=settings.output_bucket, Key=sidecar_key, Body=json.dumps(report).encode(),
+                  ContentType="application/json")
+    ms = round((time.perf_counter() - start) * 1000, 1)
+    outputs = {"image": f"s3://{settings.output_bucket}/{image_key}",
+               "report": f"s3://{settings.output_bucket}/{sidecar_key}"}
+    jobs.put(job_id, DONE, outputs=outputs, faces=len(result.report["faces"]), ms=ms)
+    metrics.add_metric(name="FacesFound", unit=MetricUnit.Count, value=len(result.report["faces"]))
+    metrics.add_metric(name="ProcessingMs", unit=MetricUnit.Milliseconds, value=ms)
+    metrics.add_metric(name="JobsDone", unit=MetricUnit.Count, value=1)
+    logger.info("job done", extra={"faces": len(result.report["faces"]), "ms": ms})
+    return {"job_id": job_id, "status": DONE, "outputs": outputs}
+
+
+def _read(upload: dict, size: int | None, limit: int) -> bytes:
+    if size is not None and size > limit:
+        raise BadInput(f"upload too large: {size} bytes (limit {limit})")
+    args = {"Bucket": upload["bucket"], "Key": upload["key"]}
+    obj = adapters.s3.get_object(**args)
+    if obj["ContentLength"] > limit:  # the event's size can be missing: check before reading
+        obj["Body"].close()
+        raise BadInput(f"upload too large: {obj['ContentLength']} bytes (limit {limit})")
+    return obj["Body"].read()
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics(capture_cold_start_metric=True)
+@event_source(data_class=S3Event)
+def handler(event: S3Event, context: LambdaContext) -> dict:
+    adapters.idempotency_config.register_lambda_context(context)
+    results = []
+    for record in event.records:
+        logger.set_correlation_id(record.response_elements.get("x-amz-request-id"))
+        if record.s3.bucket.name != adapters.settings.input_bucket:
+            # Only the input bucket may trigger work: a result must never be processed again.
+            logger.error("event from a bucket that is not the input bucket; ignored")
+            results.append({"status": "ignored"})
+            continue
+        obj = record.s3.get_object
+        upload = object_identity(record.s3.bucket.name, obj.key, obj.version_id, obj.etag)
+        results.append(process_upload(upload=upload, size=obj.size))
+    return {"results": results}
