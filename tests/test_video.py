@@ -74,3 +74,34 @@ def test_video_report_is_written_only_when_complete(engine, tmp_path):
     with pytest.raises(Exception):
         engine.anonymize_file(bad, tmp_path / "out.mp4", report=tmp_path / "r.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mp4"]
+
+
+def test_display_rotation_is_applied(engine, tmp_path, astronaut_bgr):
+    """A phone video stores frames sideways with a display rotation: faceflow works on, and
+    writes, the upright picture."""
+    import numpy as np
+    upright = np.ascontiguousarray(astronaut_bgr[:384])           # 512 wide, 384 high
+    stored = np.ascontiguousarray(np.rot90(upright, k=-1))         # sideways, 384 x 512
+    src = tmp_path / "phone.mp4"
+    with av.open(str(src), "w") as out:
+        s = out.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = stored.shape[1], stored.shape[0], "yuv420p"
+        s.set_display_rotation(90)  # the player turns it 90° counter-clockwise: upright
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(stored, format="bgr24")
+            frame.pts = i
+            for p in s.encode(frame):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    report = tmp_path / "r.json"
+    summary = engine.anonymize_file(src, tmp_path / "out.mp4", report=report)
+    assert (summary["width"], summary["height"]) == (512, 384)
+    frames = json.loads(report.read_text())["frames"]
+    assert all(len(f["faces"]) == 1 for f in frames)
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        first = next(c.decode(video=0))
+        assert (first.width, first.height) == (512, 384) and first.rotation == 0
+    x, y, w, h = frames[0]["faces"][0]["box"]
+    expected = engine.detect(upright)[0].box
+    assert abs(x - expected[0]) < 10 and abs(y - expected[1]) < 10

@@ -48,6 +48,11 @@ class VideoInfo:
     duration: float
     codec: str
     has_audio: bool
+    rotation: int = 0  # degrees counter-clockwise that the player turns frames to show them
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        return (self.height, self.width) if self.rotation in (90, 270) else (self.width, self.height)
 
 
 def open_input(path: Path | str) -> av.container.InputContainer:
@@ -72,8 +77,14 @@ def probe(path: Path | str) -> VideoInfo:
         fps = float(v.average_rate or v.guessed_rate or 25)
         duration = float(v.duration * v.time_base) if v.duration else (
             c.duration / av.time_base if c.duration else 0.0)
+        rotation = 0
+        try:
+            first = next(c.decode(v), None)
+            rotation = int(round(first.rotation)) % 360 if first is not None else 0
+        except av.error.FFmpegError:
+            pass  # reported when the frames are decoded for real
         return VideoInfo(v.codec_context.width, v.codec_context.height, fps, v.frames,
-                         duration, v.codec_context.name, bool(c.streams.audio))
+                         duration, v.codec_context.name, bool(c.streams.audio), rotation)
 
 
 def _frames(container, stream, audio_in, audio_out, out) -> Iterator[av.VideoFrame]:
@@ -124,7 +135,9 @@ def process_video(engine, src: Path | str, dst: Path | str | None,
         if tmp is not None:
             out = av.open(str(tmp), "w")
             out_stream = out.add_stream(options.codec, rate=_rate(stream))
-            out_stream.width, out_stream.height = info.width, info.height
+            # Phone videos store frames sideways with a display rotation: work on, and write,
+            # upright frames (detectors miss sideways faces; players show the same picture).
+            out_stream.width, out_stream.height = info.display_size
             out_stream.pix_fmt = "yuv420p"
             # Encode in the input's time base: rounding pts to 1/fps could merge frames.
             out_stream.time_base = stream.time_base
@@ -168,7 +181,10 @@ def process_video(engine, src: Path | str, dst: Path | str | None,
 
         for frame in _frames(container, stream, container.streams.audio[0] if audio_out else None,
                              audio_out, out):
-            pending.append((frame, frame.to_ndarray(format="bgr24")))
+            bgr = frame.to_ndarray(format="bgr24")
+            if info.rotation:
+                bgr = np.ascontiguousarray(np.rot90(bgr, k=info.rotation // 90))
+            pending.append((frame, bgr))
             if len(pending) >= options.batch:
                 run_batch()
         if pending:
@@ -196,7 +212,7 @@ def process_video(engine, src: Path | str, dst: Path | str | None,
         raise BadInput("video has no decodable frames")
     elapsed = time.perf_counter() - start
     summary = {"source": str(src), "output": None if dst is None else str(dst),
-               "width": info.width, "height": info.height, "fps": round(info.fps, 3),
+               "width": info.display_size[0], "height": info.display_size[1], "fps": round(info.fps, 3),
                "frames": counts["frames"], "frames_with_faces": counts["frames_with_faces"],
                "faces": counts["faces"], "tracks": len(counts["tracks"] - {None}),
                "audio": bool(audio_out is not None), "ms": round(elapsed * 1000, 1),
