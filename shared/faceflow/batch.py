@@ -57,12 +57,14 @@ class Progress:
 _worker: dict = {}
 
 
-def _init_worker(engine_kwargs: dict, mask_kwargs: dict, video_kwargs: dict, verify: bool) -> None:
+def _init_worker(engine_kwargs: dict, mask_kwargs: dict, video_kwargs: dict, verify: bool,
+                 verify_video: bool) -> None:
     from .anonymize import MaskOptions
     from .engine import Engine
     from .video import VideoOptions
     _worker.update(engine=Engine(**engine_kwargs), mask=MaskOptions(**mask_kwargs),
-                   video=VideoOptions(**video_kwargs), verify=verify)
+                   video=VideoOptions(**video_kwargs), verify=verify,
+                   verify_video=verify_video)
 
 
 def _process(src: str, dst: str, report: str | None) -> dict:
@@ -71,8 +73,8 @@ def _process(src: str, dst: str, report: str | None) -> dict:
     try:
         engine = _worker["engine"]
         if Path(src).suffix.lower() in VIDEO_EXTENSIONS:
-            summary = engine.anonymize_file(src, dst, _worker["mask"], verify=_worker["verify"],
-                                            report=report, options=_worker["video"])
+            summary = engine.anonymize_file(src, dst, _worker["mask"], verify=_worker["verify_video"],
+                                            report=report, video_options=_worker["video"])
             row["faces"] = summary["faces"]
         else:
             result = engine.anonymize_file(src, dst, _worker["mask"], verify=_worker["verify"])
@@ -113,7 +115,8 @@ def run_batch(args, src_dir: Path, dst_dir: Path) -> int:
                          threshold=args.threshold)
     mask_kwargs = dict(method=args.method, shape=args.shape, mask_scale=args.mask_scale, cells=args.cells)
     video_kwargs = dict(keep_audio=not args.no_audio, max_missing_s=args.hold, batch=args.batch)
-    init = (engine_kwargs, mask_kwargs, video_kwargs, not args.no_verify)
+    init = (engine_kwargs, mask_kwargs, video_kwargs, not args.no_verify,
+            args.verify_video and not args.no_verify)
     progress = Progress("anonymize", len(jobs))
     if args.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=init) as pool:

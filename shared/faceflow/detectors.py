@@ -202,7 +202,132 @@ class CenterFace(Detector):
         return _faces(boxes, heat[0, ys, xs], pts, 1 / box.scale, threshold)
 
 
-DETECTORS = {cls.name: cls for cls in (YuNet, RetinaFace, CenterFace)}
+def weighted_nms(boxes: np.ndarray, scores: np.ndarray, points: np.ndarray,
+                 iou_threshold: float = 0.3):
+    """MediaPipe's weighted NMS: each kept face is the score-weighted mean of the boxes (and
+    points) overlapping the best remaining one by more than `iou_threshold`, with the best
+    score. Boxes as [x, y, w, h]; returns (boxes, scores, points) of the kept faces."""
+    order = np.argsort(-scores)
+    x1, y1 = boxes[:, 0], boxes[:, 1]
+    x2, y2 = x1 + boxes[:, 2], y1 + boxes[:, 3]
+    area = boxes[:, 2] * boxes[:, 3]
+    kept_boxes, kept_scores, kept_points = [], [], []
+    while order.size:
+        top = order[0]
+        iw = np.clip(np.minimum(x2[top], x2[order]) - np.maximum(x1[top], x1[order]), 0, None)
+        ih = np.clip(np.minimum(y2[top], y2[order]) - np.maximum(y1[top], y1[order]), 0, None)
+        inter = iw * ih
+        overlap = inter / np.maximum(area[top] + area[order] - inter, 1e-9)
+        merged = overlap > iou_threshold
+        merged[0] = True  # the top box itself, even if degenerate
+        group = order[merged]
+        w = scores[group][:, None]
+        kept_boxes.append((boxes[group] * w).sum(0) / w.sum())
+        kept_points.append((points[group] * w).sum(0) / w.sum())
+        kept_scores.append(scores[top])
+        order = order[~merged]
+    return np.asarray(kept_boxes), np.asarray(kept_scores), np.asarray(kept_points)
+
+
+class BlazeFace(Detector):
+    """MediaPipe BlazeFace full range (Apache-2.0), a TFLite model run by OpenCV's dnn module.
+
+    Fixed 192x192 input, RGB scaled to [-1, 1]; one 48x48 grid (stride 4) with one anchor per
+    cell, 2304 anchors. Per anchor: 16 regressor values (box centre offset x, y, width,
+    height, then 6 keypoints x, y; all in input pixels, relative to the anchor centre) and one
+    score logit. The image is padded to a square (bottom and right) and scaled to 192, so
+    `max_side` is fixed at 192 whatever is asked: small faces in large images are lost.
+
+    No onnxruntime session: `providers` is ignored (OpenCV's CPU backend), `threads` > 0 sets
+    OpenCV's thread count for the duration of each forward pass.
+    """
+    name = "blazeface"
+    default_threshold = 0.5       # MediaPipe's min_score_thresh for this model
+    default_max_side = 192
+    input_size, stride = 192, 4
+    nms_threshold = 0.3           # MediaPipe's min_suppression_threshold (weighted NMS)
+
+    def __init__(self, path: Path | str, providers=None, threads: int = 0,
+                 max_side: int | None = None):
+        self.path = Path(path)
+        self.max_side = self.input_size
+        self.threads = threads
+        # OpenCV 5's new engine lists only the regressor as the graph's output (asking it for
+        # both outputs fails); the classic engine gives both from one forward pass.
+        self.net = cv2.dnn.readNetFromTFLite(str(self.path), cv2.dnn.ENGINE_CLASSIC)
+        self._out_names = list(self.net.getUnconnectedOutLayersNames())
+        n = self.input_size // self.stride
+        xx, yy = np.meshgrid(np.arange(n, dtype=np.float32), np.arange(n, dtype=np.float32))
+        self.anchors = (np.stack([xx.ravel(), yy.ravel()], 1) + 0.5) * self.stride  # (2304, 2)
+        reg, cls = self._forward(np.zeros((1, 3, self.input_size, self.input_size), np.float32), 1)
+        if reg.shape != (1, len(self.anchors), 16) or cls.shape != (1, len(self.anchors)):
+            raise bundle.ModelError(f"{self.path.name}: expected outputs (1, {len(self.anchors)}, 16) and "
+                                    f"(1, {len(self.anchors)}, 1), got {reg.shape} and {cls.shape}")
+
+    @property
+    def providers(self) -> list[str]:
+        return ["opencv-dnn-cpu"]
+
+    def _forward(self, blob: np.ndarray, count: int):
+        previous = cv2.getNumThreads()
+        if self.threads > 0:
+            cv2.setNumThreads(self.threads)
+        try:
+            self.net.setInput(blob)
+            outs = self.net.forward(self._out_names)
+        finally:
+            if self.threads > 0:
+                cv2.setNumThreads(previous)
+        reg = next(o for o in outs if o.shape[-1] == 16)
+        cls = next(o for o in outs if o.shape[-1] == 1)
+        # The model's reshape ops fix the batch at 1: a batch comes back as (1, B*2304, k),
+        # image after image.
+        return reg.reshape(count, -1, 16), cls.reshape(count, -1)
+
+    def preprocess(self, images: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        h, w = images[0].shape[:2]
+        side = max(h, w)
+        scale = self.input_size / side
+        sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        batch = np.zeros((len(images), self.input_size, self.input_size, 3), np.uint8)
+        for i, img in enumerate(images):
+            if img.shape[:2] != (h, w):
+                raise ValueError("a batch must hold images of one size")
+            batch[i, :sh, :sw] = cv2.resize(img, (sw, sh), interpolation=interp)[..., ::-1]  # BGR -> RGB
+        blob = batch.astype(np.float32) / 127.5 - 1.0   # black padding becomes -1, as in MediaPipe
+        return np.ascontiguousarray(blob.transpose(0, 3, 1, 2)), side / self.input_size
+
+    def detect_batch(self, images: list[np.ndarray], threshold: float | None = None) -> list[list[Face]]:
+        if not images:
+            return []
+        threshold = self.default_threshold if threshold is None else threshold
+        blob, inv_scale = self.preprocess(images)
+        reg, cls = self._forward(blob, len(images))
+        return [self.decode_one(reg[i], cls[i], inv_scale, threshold) for i in range(len(images))]
+
+    def decode_one(self, reg: np.ndarray, logits: np.ndarray, inv_scale: float,
+                   threshold: float) -> list[Face]:
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -80, 80)))
+        sel = np.nonzero((scores >= threshold) & (reg[:, 2] > 0) & (reg[:, 3] > 0))[0]
+        if sel.size == 0:
+            return []
+        r, a = reg[sel], self.anchors[sel]
+        wh = r[:, 2:4]
+        boxes = np.hstack([a + r[:, 0:2] - wh / 2, wh])
+        kp = r[:, 4:16].reshape(-1, 6, 2) + a[:, None, :]
+        # MediaPipe's keypoints: 0 right eye, 1 left eye (the person's: image-left first in an
+        # unmirrored photo), 2 nose tip, 3 mouth centre, 4/5 ear tragions. The other detectors
+        # give image-left eye, image-right eye, nose, image-left and image-right mouth corner;
+        # BlazeFace has no mouth corners, so the mouth centre stands in for both.
+        pts = kp[:, [0, 1, 2, 3, 3]].reshape(-1, 10)
+        boxes, scores, pts = weighted_nms(boxes, scores[sel], pts, self.nms_threshold)
+        return [Face(box=tuple((b * inv_scale).tolist()), score=float(s),
+                     landmarks=(p.reshape(5, 2) * inv_scale).astype(np.float32))
+                for b, s, p in zip(boxes, scores, pts)]
+
+
+DETECTORS = {cls.name: cls for cls in (YuNet, RetinaFace, CenterFace, BlazeFace)}
 DEFAULT_DETECTOR = "yunet"
 
 

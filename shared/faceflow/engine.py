@@ -116,12 +116,19 @@ class Engine:
         return Result(out, fmt, report)
 
     def anonymize_file(self, src: Path | str, dst: Path | str,
-                       options: MaskOptions | None = None, verify: bool = True,
-                       **video_args) -> dict[str, Any]:
+                       options: MaskOptions | None = None, verify: bool | None = None,
+                       video_options=None, report: Path | str | None = None,
+                       progress=None) -> dict[str, Any]:
+        """Anonymise a photo or a video file. `verify` (re-detect inside every mask and
+        strengthen it until nothing is found) defaults to on for photos and off for video,
+        where the tracker and the size-relative mask already carry it and a second detector
+        pass per frame would halve the frame rate."""
         src, dst = Path(src), Path(dst)
         if src.suffix.lower() in VIDEO_EXTENSIONS:
             from .video import anonymize_video
-            return anonymize_video(self, src, dst, options or MaskOptions(), **video_args)
+            return anonymize_video(self, src, dst, options or MaskOptions(), report=report,
+                                   options=video_options, verify=bool(verify), progress=progress)
+        verify = True if verify is None else verify
         data = _read_bytes(src)
         picture_format = images.sniff(data)[0]
         result = self.anonymize_bytes(data, options, images.format_for(dst, picture_format),
