@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from faceflow.anonymize import mask_region
+from faceflow.anonymize import MaskOptions, mask_region
 from faceflow.face import Face
 
-# The engine's verify pass may grow the mask by up to 3 x 0.2 over the default 1.4.
-MAX_MASK_SCALE = 1.4 + 0.6
+# The engine's verify pass may grow the mask by up to 3 x 0.2 over the default.
+MAX_MASK_SCALE = MaskOptions().mask_scale + 0.6
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ SHAPES = ("ellipse", "box")
 class MaskOptions:
     method: str = "blur"
     shape: str = "ellipse"
-    mask_scale: float = 1.4   # mask size relative to the detected box
-    cells: int = 4            # detail left across a face: lower is stronger
+    mask_scale: float = 1.6   # mask size relative to the detected box (hair, ears, jaw)
+    cells: int = 2            # detail left across a face: lower is stronger
     color: tuple[int, int, int] = (0, 0, 0)
 
     def __post_init__(self):

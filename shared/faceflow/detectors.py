@@ -37,13 +37,26 @@ class Letterbox:
         for i, img in enumerate(images):
             if img.shape[:2] != (h, w):
                 raise ValueError("a batch must hold images of one size")
-            small = img if self.scale == 1.0 else cv2.resize(img, (sw, sh), interpolation=cv2.INTER_AREA)
+            small = img if self.scale == 1.0 else shrink(img, sw, sh)
             if swap_rb:
                 small = small[..., ::-1]
             batch[i, :sh, :sw] = small
         if any(mean):
             batch -= np.asarray(mean, np.float32)
         return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+
+def shrink(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Downscale without aliasing, fast: OpenCV's INTER_AREA is ~2x quicker for an integer
+    factor, so average k x k blocks first (k = the whole part of the factor, dropping the
+    last < k rows/columns), then finish the remaining < 2x with INTER_LINEAR."""
+    h, w = img.shape[:2]
+    k = int(min(w / width, h / height))
+    if k >= 2:
+        img = cv2.resize(img[: h // k * k, : w // k * k], (w // k, h // k), interpolation=cv2.INTER_AREA)
+    if img.shape[:2] == (height, width):
+        return img
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR if k >= 2 else cv2.INTER_AREA)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.4) -> np.ndarray:
