@@ -203,6 +203,9 @@ def test_function_handlers_and_sizes(template):
 def test_environment_follows_settings(template):
     settings = (ROOT / "functions" / "common" / "settings.py").read_text()
     documented = set(re.findall(r"^\| (FACEFLOW_[A-Z_]+) \|", settings, re.M))
+    # FACEFLOW_GPU_ENDPOINT is read (and documented) by functions/common/gpu.py, the GPU submit side.
+    gpu_side = (ROOT / "functions" / "common" / "gpu.py").read_text()
+    documented |= set(re.findall(r"^\| (FACEFLOW_GPU_[A-Z_]+) \|", gpu_side, re.M))
     assert {"FACEFLOW_INPUT_BUCKET", "FACEFLOW_OUTPUT_BUCKET", "FACEFLOW_REDIS_URL"} <= documented
     for name, fn in functions(template).items():
         env = fn_environment(template, fn)
@@ -672,3 +675,222 @@ def test_runtime_dependencies_fit_the_size_budget(tmp_path):
     print("largest: " + ", ".join(f"{name} {size / mib:.0f}" for size, name in top))
     assert total <= SIZE_BUDGET_MIB * mib, \
         f"{total / mib:.1f} MiB installed, over the {SIZE_BUDGET_MIB} MiB budget"
+
+
+# --- GPU endpoint (SageMaker asynchronous inference) ---------------------------------------
+
+GPU_RESOURCE_TYPES = {"AWS::SageMaker::Model", "AWS::SageMaker::EndpointConfig", "AWS::SageMaker::Endpoint",
+                      "AWS::ApplicationAutoScaling::ScalableTarget", "AWS::ApplicationAutoScaling::ScalingPolicy",
+                      "AWS::SNS::Topic", "AWS::CloudWatch::Alarm"}
+GPU_REQUESTS, GPU_RESPONSES, GPU_FAILURES = f"{RESULT_PREFIX}_gpu/requests/", f"{RESULT_PREFIX}_gpu/responses/", \
+    f"{RESULT_PREFIX}_gpu/failures/"
+
+
+def _only(tpl: dict, type_: str) -> tuple[str, dict]:
+    found = resources(tpl, type_)
+    assert len(found) == 1, f"{type_}: {sorted(found)}"
+    return next(iter(found.items()))
+
+
+def test_gpu_part_is_off_without_an_image(template):
+    param = template["Parameters"]["GpuImageUri"]
+    assert param["Type"] == "String" and param["Default"] == ""
+    assert template["Conditions"]["GpuEnabled"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "GpuImageUri"}, ""]}]}
+    gpu_names = {name for name, r in template["Resources"].items() if r["Type"] in GPU_RESOURCE_TYPES}
+    gpu_names |= {name for name in template["Resources"] if name.startswith("Gpu")}
+    assert {"GpuModel", "GpuEndpointConfig", "GpuEndpoint", "GpuScalableTarget", "GpuExecutionRole",
+            "GpuSuccessTopic", "GpuErrorTopic", "GpuSubmitPolicy", "GpuLogGroup"} <= gpu_names
+    for name in gpu_names:
+        assert template["Resources"][name].get("Condition") == "GpuEnabled", f"{name} must depend on GpuEnabled"
+    for name, output in template["Outputs"].items():
+        if name.startswith("Gpu"):
+            assert output.get("Condition") == "GpuEnabled", name
+    assert {"GpuEndpointName", "GpuSuccessTopicArn", "GpuErrorTopicArn"} <= set(template["Outputs"])
+
+
+@pytest.mark.parametrize("uri,ok", [
+    ("", True),
+    ("123456789012.dkr.ecr.us-east-1.amazonaws.com/faceflow-gpu:v1", True),
+    ("123456789012.dkr.ecr.eu-west-3.amazonaws.com/team/faceflow-gpu:2026.01", True),
+    ("123456789012.dkr.ecr.us-east-1.amazonaws.com/faceflow-gpu@sha256:" + "a" * 64, True),
+    ("faceflow-gpu:latest", False),
+    ("docker.io/library/faceflow:1", False),
+    ("123456789012.dkr.ecr.us-east-1.amazonaws.com/faceflow-gpu", False),   # no tag: say which image
+])
+def test_gpu_image_uri_pattern(template, uri, ok):
+    pattern = template["Parameters"]["GpuImageUri"]["AllowedPattern"]
+    assert bool(re.fullmatch(pattern, uri)) == ok, uri
+
+
+def _evaluate(node, params: dict):
+    """Fn::Split / Fn::Select / Ref of parameters, as CloudFormation evaluates them."""
+    if isinstance(node, dict) and len(node) == 1:
+        (fn, arg), = node.items()
+        if fn == "Ref":
+            return params[arg]
+        if fn == "Fn::Split":
+            return _evaluate(arg[1], params).split(arg[0])
+        if fn == "Fn::Select":
+            return _evaluate(arg[1], params)[int(arg[0])]
+    return node
+
+
+@pytest.mark.parametrize("uri,arn", [
+    ("123456789012.dkr.ecr.us-east-1.amazonaws.com/faceflow-gpu:v1",
+     "arn:aws:ecr:us-east-1:123456789012:repository/faceflow-gpu"),
+    ("210987654321.dkr.ecr.eu-west-3.amazonaws.com/team/faceflow-gpu:2026.01",
+     "arn:aws:ecr:eu-west-3:210987654321:repository/team/faceflow-gpu"),
+    ("123456789012.dkr.ecr.us-east-1.amazonaws.com/faceflow-gpu@sha256:" + "b" * 64,
+     "arn:aws:ecr:us-east-1:123456789012:repository/faceflow-gpu"),
+])
+def test_gpu_role_pulls_only_its_own_repository(template, uri, arn):
+    role = template["Resources"]["GpuExecutionRole"]["Properties"]
+    statements = {st.get("Sid"): st for _, st in policy_statements({"Policies": role["Policies"]})}
+    fmt, values = statements["PullImage"]["Resource"]["Fn::Sub"]
+    got = fmt.replace("${AWS::Partition}", "aws")
+    for name, expr in values.items():
+        got = got.replace("${" + name + "}", _evaluate(expr, {"GpuImageUri": uri}))
+    assert got == arn
+
+
+def test_gpu_execution_role_is_least_privilege(template):
+    role = template["Resources"]["GpuExecutionRole"]["Properties"]
+    trust = role["AssumeRolePolicyDocument"]["Statement"]
+    assert len(trust) == 1 and trust[0]["Principal"] == {"Service": "sagemaker.amazonaws.com"}
+    assert trust[0]["Action"] == "sts:AssumeRole"
+    assert "ManagedPolicyArns" not in role
+    arn = "arn:${AWS::Partition}:s3:::"
+    inp, out = bucket_name(template, "InputBucket"), bucket_name(template, "OutputBucket")
+    grants = set()
+    for _, st in policy_statements({"Policies": role["Policies"]}):
+        assert st["Effect"] == "Allow" and "NotAction" not in st and "NotResource" not in st
+        for action in as_list(st["Action"]):
+            for resource in as_list(st["Resource"]):
+                grants.add((action, sub_string(resource) or json.dumps(resource, sort_keys=True)))
+    s3 = {g for g in grants if g[0].startswith("s3:")}
+    assert s3 == {("s3:GetObject", f"{arn}{inp}/{UPLOAD_PREFIX}*"), ("s3:GetObject", f"{arn}{out}/{GPU_REQUESTS}*"),
+                  ("s3:PutObject", f"{arn}{out}/{RESULT_PREFIX}*"),
+                  ("s3:AbortMultipartUpload", f"{arn}{out}/{RESULT_PREFIX}*")}
+    sns = {g for g in grants if g[0].startswith("sns:")}
+    assert sns == {("sns:Publish", json.dumps({"Ref": "GpuSuccessTopic"})),
+                   ("sns:Publish", json.dumps({"Ref": "GpuErrorTopic"}))}
+    ecr = {a for a, r in grants if a.startswith("ecr:")}
+    assert ecr == {"ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability",
+                   "ecr:GetAuthorizationToken"}
+    star = {a for a, r in grants if r == json.dumps("*")}
+    assert star == {"ecr:GetAuthorizationToken"}, "only the ECR login may have Resource *"
+    logs = {(a, r) for a, r in grants if a.startswith("logs:")}
+    group = sub_string(template["Resources"]["GpuLogGroup"]["Properties"]["LogGroupName"])
+    assert logs and all(r == f"arn:${{AWS::Partition}}:logs:${{AWS::Region}}:${{AWS::AccountId}}:log-group:{group}:*"
+                        for _, r in logs)
+    assert {a.split(":")[0] for a, _ in grants} == {"s3", "sns", "ecr", "logs"}
+
+
+def test_gpu_model_endpoint_config_and_endpoint(template):
+    res = template["Resources"]
+    model = res["GpuModel"]["Properties"]
+    assert model["ExecutionRoleArn"] == {"Fn::GetAtt": ["GpuExecutionRole", "Arn"]}
+    assert model["PrimaryContainer"]["Image"] == {"Ref": "GpuImageUri"}
+    assert model["PrimaryContainer"]["Environment"]["FACEFLOW_GPU_BATCH"] == {"Ref": "GpuBatchSize"}
+    assert model["PrimaryContainer"]["Environment"]["FACEFLOW_GPU_WORKERS"] == {"Ref": "GpuMaxConcurrentInvocations"}
+    assert model.get("EnableNetworkIsolation") is False  # it reads and writes S3 itself
+
+    config = res["GpuEndpointConfig"]["Properties"]
+    assert "DataCaptureConfig" not in config, "data capture would copy media requests and answers"
+    variant, = config["ProductionVariants"]
+    assert variant["ModelName"] == {"Fn::GetAtt": ["GpuModel", "ModelName"]}
+    assert variant["InstanceType"] == {"Ref": "GpuInstanceType"}
+    assert template["Parameters"]["GpuInstanceType"]["Default"] == "ml.g5.xlarge"
+    assert all(t.startswith("ml.g") for t in template["Parameters"]["GpuInstanceType"]["AllowedValues"])
+    async_config = config["AsyncInferenceConfig"]
+    assert async_config["ClientConfig"] == {"MaxConcurrentInvocationsPerInstance": {"Ref": "GpuMaxConcurrentInvocations"}}
+    output = async_config["OutputConfig"]
+    out = bucket_name(template, "OutputBucket")
+    assert sub_string(output["S3OutputPath"]) == f"s3://{out}/{GPU_RESPONSES}"
+    assert sub_string(output["S3FailurePath"]) == f"s3://{out}/{GPU_FAILURES}"
+    notes = output["NotificationConfig"]
+    assert notes["SuccessTopic"] == {"Ref": "GpuSuccessTopic"} and notes["ErrorTopic"] == {"Ref": "GpuErrorTopic"}
+
+    endpoint = res["GpuEndpoint"]["Properties"]
+    assert endpoint["EndpointConfigName"] == {"Fn::GetAtt": ["GpuEndpointConfig", "EndpointConfigName"]}
+    name = sub_string(endpoint["EndpointName"])
+    assert name == "${AWS::StackName}-gpu"
+    assert sub_string(res["GpuLogGroup"]["Properties"]["LogGroupName"]) == f"/aws/sagemaker/Endpoints/{name}"
+    # The results lifecycle rule covers everything the endpoint writes.
+    rules = res["OutputBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    assert any(r.get("Prefix") == RESULT_PREFIX and "ExpirationInDays" in r for r in rules)
+
+
+def test_gpu_matches_the_worker_and_the_submit_side():
+    from functions.common import gpu
+    from functions.gpu import server
+    assert gpu.REQUEST_PREFIX == GPU_REQUESTS
+    assert server.Config().port == 8080
+
+
+def test_gpu_scales_to_zero_and_back(template):
+    res = template["Resources"]
+    target = res["GpuScalableTarget"]["Properties"]
+    assert target["MinCapacity"] == 0 and target["MaxCapacity"] == {"Ref": "GpuMaxInstances"}
+    assert target["ServiceNamespace"] == "sagemaker"
+    assert target["ScalableDimension"] == "sagemaker:variant:DesiredInstanceCount"
+    variant = res["GpuEndpointConfig"]["Properties"]["ProductionVariants"][0]["VariantName"]
+    assert sub_string(target["ResourceId"]) == f"endpoint/${{GpuEndpoint.EndpointName}}/variant/{variant}"
+
+    policies = {p["Properties"]["PolicyType"]: (name, p["Properties"])
+                for name, p in resources(template, "AWS::ApplicationAutoScaling::ScalingPolicy").items()}
+    assert set(policies) == {"TargetTrackingScaling", "StepScaling"}
+    _, tracking = policies["TargetTrackingScaling"]
+    assert tracking["ScalingTargetId"] == {"Ref": "GpuScalableTarget"}
+    metric = tracking["TargetTrackingScalingPolicyConfiguration"]["CustomizedMetricSpecification"]
+    assert (metric["Namespace"], metric["MetricName"]) == ("AWS/SageMaker", "ApproximateBacklogSizePerInstance")
+    assert metric["Dimensions"] == [{"Name": "EndpointName", "Value": {"Fn::GetAtt": ["GpuEndpoint", "EndpointName"]}}]
+    assert tracking["TargetTrackingScalingPolicyConfiguration"]["TargetValue"] == {"Ref": "GpuBacklogPerInstance"}
+
+    step_name, step = policies["StepScaling"]
+    assert step["ScalingTargetId"] == {"Ref": "GpuScalableTarget"}
+    config = step["StepScalingPolicyConfiguration"]
+    assert config["AdjustmentType"] == "ChangeInCapacity"
+    assert config["StepAdjustments"] == [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]
+    _, alarm = _only(template, "AWS::CloudWatch::Alarm")
+    alarm = alarm["Properties"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == ("AWS/SageMaker", "HasBacklogWithoutCapacity")
+    assert alarm["Dimensions"] == metric["Dimensions"]
+    assert alarm["AlarmActions"] == [{"Ref": step_name}]
+    assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold" and alarm["Threshold"] == 1
+
+
+def test_functions_get_the_endpoint_only_when_it_exists(template):
+    env = template["Globals"]["Function"]["Environment"]["Variables"]["FACEFLOW_GPU_ENDPOINT"]
+    condition, when_on, when_off = env["Fn::If"]
+    assert condition == "GpuEnabled" and when_off == {"Ref": "AWS::NoValue"}
+    assert sub_string(when_on) == sub_string(template["Resources"]["GpuEndpoint"]["Properties"]["EndpointName"])
+    for name, fn in functions(template).items():
+        assert "FACEFLOW_GPU_ENDPOINT" not in fn["Properties"].get("Environment", {}).get("Variables", {}), \
+            f"{name}: set FACEFLOW_GPU_ENDPOINT once, in Globals, under GpuEnabled"
+
+
+def test_functions_may_invoke_only_this_endpoint(template, transformed):
+    policy = template["Resources"]["GpuSubmitPolicy"]["Properties"]
+    statements = {st["Sid"]: st for st in policy["PolicyDocument"]["Statement"]}
+    invoke = statements["InvokeGpuEndpoint"]
+    assert as_list(invoke["Action"]) == ["sagemaker:InvokeEndpointAsync"]
+    assert invoke["Resource"] == {"Ref": "GpuEndpoint"}
+    out = bucket_name(template, "OutputBucket")
+    arn = "arn:${AWS::Partition}:s3:::"
+    assert [sub_string(r) for r in as_list(statements["WriteGpuRequests"]["Resource"])] == [f"{arn}{out}/{GPU_REQUESTS}*"]
+    assert as_list(statements["WriteGpuRequests"]["Action"]) == ["s3:PutObject"]
+    assert {sub_string(r) for r in as_list(statements["ReadGpuAnswers"]["Resource"])} == {
+        f"{arn}{out}/{GPU_RESPONSES}*", f"{arn}{out}/{GPU_FAILURES}*"}
+    # No other sagemaker permission anywhere.
+    for where, st in policy_statements(transformed):
+        actions = [a for a in as_list(st.get("Action", [])) if isinstance(a, str)]
+        for action in actions:
+            if action.startswith("sagemaker:"):
+                assert action == "sagemaker:InvokeEndpointAsync" and st["Resource"] == {"Ref": "GpuEndpoint"}, where
+    # The roles it attaches to are the functions' roles SAM makes.
+    roles = resources(transformed, "AWS::IAM::Role")
+    attached = [r["Ref"] for r in policy["Roles"]]
+    assert attached and all(name in roles for name in attached), (attached, sorted(roles))
+    assert set(attached) == {f"{name}Role" for name in functions(template)}, \
+        "every function that may route a job to the GPU needs the submit policy"

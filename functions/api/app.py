@@ -13,13 +13,14 @@ at run time to validate requests.
 """
 import base64
 import json
+import os
 import re
 import sys
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Annotated, Optional
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.exceptions import (
     BadRequestError,
@@ -33,20 +34,34 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field
 
-from faceflow.anonymize import MaskOptions
-from faceflow.engine import Engine
-from faceflow.images import EXTENSION_FORMAT, BadInput
-from functions.common.aws import Adapters, result_keys
+from functions.common.aws import Adapters, make_tracer, result_keys
 from functions.common.jobs import DONE, QUEUED, new_job_id
-from functions.common.settings import UPLOAD_PREFIX
+from functions.common.settings import UPLOAD_CONTENT_TYPES, UPLOAD_PREFIX
 
 logger = Logger(service="faceflow-api")
-tracer = Tracer(service="faceflow-api")
+tracer = make_tracer("faceflow-api")  # capture_response=False below: responses hold presigned
+# URLs, face boxes or image bytes, none of which belongs in trace metadata
 metrics = Metrics(namespace="faceflow", service="faceflow-api")
 app = APIGatewayHttpResolver(enable_validation=True)
 
 adapters = Adapters()
-engine = Engine()
+_engine = None
+
+
+def engine():
+    """The face engine, loaded on first use: only /v1/analyze and /v1/anonymize need it, so a
+    cold start that serves the job routes skips cv2, onnxruntime and the models (about a third
+    of a second). Environments initialised ahead of traffic (provisioned concurrency,
+    SnapStart) load it at init instead, so no request waits for it there."""
+    global _engine
+    if _engine is None:
+        from faceflow.engine import Engine
+        _engine = Engine()
+    return _engine
+
+
+if os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") in ("provisioned-concurrency", "snap-start"):
+    engine()
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,200}$"
@@ -105,14 +120,14 @@ def owned_job(job_id: str) -> dict:
 
 
 @app.post("/v1/jobs")
-@tracer.capture_method
+@tracer.capture_method(capture_response=False)
 def create_job(request: JobRequest) -> Response[JobCreated]:
     suffix = "." + request.filename.rsplit(".", 1)[-1].lower() if "." in request.filename else ""
-    if suffix not in EXTENSION_FORMAT:
-        raise BadRequestError(f"filename must end in one of {', '.join(sorted(EXTENSION_FORMAT))}")
+    if suffix not in UPLOAD_CONTENT_TYPES:
+        raise BadRequestError(f"filename must end in one of {', '.join(sorted(UPLOAD_CONTENT_TYPES))}")
     job_id = new_job_id()
     key = f"{UPLOAD_PREFIX}{job_id}/{request.filename}"
-    content_type = request.content_type or CONTENT_TYPES[EXTENSION_FORMAT[suffix]]
+    content_type = request.content_type or UPLOAD_CONTENT_TYPES[suffix]
     settings = adapters.settings
     url = adapters.s3.generate_presigned_url(
         "put_object", ExpiresIn=settings.url_ttl_s,
@@ -172,10 +187,12 @@ def request_image() -> bytes:
 
 
 @app.post("/v1/analyze")
-@tracer.capture_method
+@tracer.capture_method(capture_response=False)
 def analyze() -> dict:
+    from faceflow.images import BadInput
+    data = request_image()  # size-checked before the engine is even loaded
     try:
-        record = engine.analyze_bytes(request_image(), source="request")
+        record = engine().analyze_bytes(data, source="request")
     except BadInput as exc:
         raise BadRequestError(str(exc)) from None
     metrics.add_metric(name="FacesFound", unit=MetricUnit.Count, value=len(record["faces"]))
@@ -186,12 +203,14 @@ def analyze() -> dict:
 # would try to validate them as such.
 @app.post("/v1/anonymize", responses={200: {"description": "the anonymised image, same format",
                                             "content": {t: {} for t in CONTENT_TYPES.values()}}})
-@tracer.capture_method
+@tracer.capture_method(capture_response=False)
 def anonymize(method: Annotated[str, Query(pattern="^(blur|pixelate|solid)$")] = "blur",
               shape: Annotated[str, Query(pattern="^(ellipse|box)$")] = "ellipse"):
+    from faceflow.anonymize import MaskOptions
+    from faceflow.images import BadInput
+    data = request_image()
     try:
-        result = engine.anonymize_bytes(request_image(), MaskOptions(method=method, shape=shape),
-                                        source="request")
+        result = engine().anonymize_bytes(data, MaskOptions(method=method, shape=shape), source="request")
     except BadInput as exc:
         raise BadRequestError(str(exc)) from None
     faces = len(result.report["faces"])
@@ -218,7 +237,7 @@ def invalid_request(exc: RequestValidationError) -> Response[str]:
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)
-@tracer.capture_lambda_handler
+@tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics(capture_cold_start_metric=True)
 def handler(event: dict, context: LambdaContext) -> dict:
     return app.resolve(event, context)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
 from aws_lambda_powertools.utilities.idempotency import idempotent_function
@@ -18,11 +18,11 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from faceflow.engine import Engine
 from faceflow.images import BadInput
-from functions.common.aws import Adapters, job_for_key, object_identity, result_keys
+from functions.common.aws import Adapters, job_for_key, make_tracer, object_identity, result_keys
 from functions.common.jobs import DONE, FAILED, RUNNING
 
 logger = Logger(service="faceflow-stills")
-tracer = Tracer(service="faceflow-stills")
+tracer = make_tracer("faceflow-stills")
 metrics = Metrics(namespace="faceflow", service="faceflow-stills")
 
 adapters = Adapters()
@@ -66,25 +66,30 @@ def process_upload(upload: dict, size: int | None) -> dict:
 
 
 def _read(upload: dict, size: int | None, limit: int) -> bytes:
-    if size is not None and size > limit:
-        raise BadInput(f"upload too large: {size} bytes (limit {limit})")
+    """The upload's bytes, size-checked before any of them is read: the event's size, else a
+    HEAD; the GET's ContentLength is checked again (the object may have been replaced)."""
     args = {"Bucket": upload["bucket"], "Key": upload["key"]}
+    if size is None:
+        size = adapters.s3.head_object(**args)["ContentLength"]
+    if size > limit:
+        raise BadInput(f"upload too large: {size} bytes (limit {limit})")
     obj = adapters.s3.get_object(**args)
-    if obj["ContentLength"] > limit:  # the event's size can be missing: check before reading
+    if obj["ContentLength"] > limit:
         obj["Body"].close()
         raise BadInput(f"upload too large: {obj['ContentLength']} bytes (limit {limit})")
     return obj["Body"].read()
 
 
 @logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler
+@tracer.capture_lambda_handler(capture_response=False)  # results name objects: not into traces
 @metrics.log_metrics(capture_cold_start_metric=True)
 @event_source(data_class=S3Event)
 def handler(event: S3Event, context: LambdaContext) -> dict:
     adapters.idempotency_config.register_lambda_context(context)
     results = []
     for record in event.records:
-        logger.set_correlation_id(record.response_elements.get("x-amz-request-id"))
+        # S3's request id of the upload ties these lines to S3's own logs and CloudTrail
+        logger.set_correlation_id((record.get("responseElements") or {}).get("x-amz-request-id"))
         if record.s3.bucket.name != adapters.settings.input_bucket:
             # Only the input bucket may trigger work: a result must never be processed again.
             logger.error("event from a bucket that is not the input bucket; ignored")
@@ -92,5 +97,12 @@ def handler(event: S3Event, context: LambdaContext) -> dict:
             continue
         obj = record.s3.get_object
         upload = object_identity(record.s3.bucket.name, obj.key, obj.version_id, obj.etag)
-        results.append(process_upload(upload=upload, size=obj.size))
+        try:
+            # S3Object.size raises when the event has none: _read then asks S3 (HEAD) instead
+            results.append(process_upload(upload=upload, size=obj.get("size")))
+        except Exception:
+            # Not a bad upload (that is a "failed" result): Redis, S3 or the engine broke. Fail
+            # the invocation so Lambda retries, with a structured line carrying the ids.
+            logger.exception("upload not processed; failing the invocation so that it is retried")
+            raise
     return {"results": results}

@@ -6,7 +6,9 @@ face is found again inside the gap, the boxes held meanwhile are rewritten by in
 (frames still waiting in the caller's look-ahead buffer get the better box).
 
 The whole state exports to plain JSON-safe data (`state()` / `Tracker.from_state()`), so a
-video cut into chunks can carry its tracks from one worker to the next.
+video cut into chunks can carry its tracks from one worker to the next. The state holds the
+boxes emitted while a face was missing (`pending`), so a track restored in the next chunk
+still interpolates over the right frames when the face is found again.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import numpy as np
 
 from .face import DETECTED, INTERPOLATED, TRACKED, Face, iou
 
-STATE_VERSION = 1
+STATE_VERSION = 2          # 2: tracks carry `pending` (held boxes since last seen)
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -35,6 +38,13 @@ class Track:
         gap = frame - self.last_seen
         damp = min(gap, 10)  # trust motion for a few frames only
         x, y, w, h = (b + v * damp for b, v in zip(self.box, self.velocity))
+        # Never assume a face shrinks while unseen: a hand or an edge cutting into it shrinks
+        # the last detections, and extrapolating that gave boxes of no (or negative) size,
+        # i.e. a face left uncovered. Keep the last size, about the predicted centre.
+        if w < self.box[2]:
+            x, w = x - (self.box[2] - w) / 2, self.box[2]
+        if h < self.box[3]:
+            y, h = y - (self.box[3] - h) / 2, self.box[3]
         grow = min(1.5, 1.0 + 0.02 * gap)  # uncertainty grows with time unseen
         return [x - w * (grow - 1) / 2, y - h * (grow - 1) / 2, w * grow, h * grow]
 
@@ -109,8 +119,11 @@ class Tracker:
         new = list(det.box)
         if gap > 1 and track.pending:
             # Found again: replace the held boxes by a straight path from last seen to now.
-            for k, held in enumerate(track.pending):  # pending[k] is frame last_seen + 1 + k
-                a = (k + 1) / gap
+            # The held boxes are the frames just before this one (pending[-1] is frame - 1);
+            # counted from the end, a state that lost its oldest ones still lines up.
+            first = frame - len(track.pending)
+            for k, held in enumerate(track.pending):  # pending[k] is frame `first + k`
+                a = (first + k - track.last_seen) / gap
                 held.box = tuple(o + (n - o) * a for o, n in zip(track.box, new))
                 held.source = INTERPOLATED
         alpha = 0.5
@@ -128,21 +141,28 @@ class Tracker:
             "match_iou": self.match_iou, "cut_distance": self.cut_distance,
             "next_id": self.next_id, "frame": self.frame, "last_cut": self.last_cut,
             "signature": None if self.signature is None else self.signature.tolist(),
-            "tracks": [{"id": t.id, "box": t.box, "velocity": t.velocity, "last_seen": t.last_seen,
-                        "hits": t.hits, "score": t.score} for t in self.tracks],
+            "tracks": [{"id": t.id, "box": [float(v) for v in t.box],
+                        "velocity": [float(v) for v in t.velocity], "last_seen": t.last_seen,
+                        "hits": t.hits, "score": float(t.score),
+                        # pending[k] is frame last_seen + 1 + k
+                        "pending": [[float(v) for v in f.box] for f in t.pending]}
+                       for t in self.tracks],
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Tracker":
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"tracker state version {state.get('version')} is not {STATE_VERSION}")
+        if state.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"tracker state version {state.get('version')} is not one of {READABLE_VERSIONS}")
         tracker = cls(fps=state["fps"], match_iou=state["match_iou"], cut_distance=state["cut_distance"])
         tracker.max_missing = state["max_missing"]
         tracker.next_id, tracker.frame, tracker.last_cut = state["next_id"], state["frame"], state["last_cut"]
         sig = state.get("signature")
         tracker.signature = None if sig is None else np.asarray(sig, np.float32)
         tracker.tracks = [Track(t["id"], list(t["box"]), list(t["velocity"]), t["last_seen"],
-                                t["hits"], t["score"]) for t in state["tracks"]]
+                                t["hits"], t["score"],
+                                [Face(box=tuple(b), score=t["score"], track=t["id"], source=TRACKED)
+                                 for b in t.get("pending", [])])
+                          for t in state["tracks"]]
         return tracker
 
 
