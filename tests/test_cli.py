@@ -79,3 +79,18 @@ def test_output_must_not_overwrite_input(tmp_path, astronaut_bgr):
     before = src.read_bytes()
     r = run_cli("anonymize", src, "-o", src)
     assert r.returncode == 2 and src.read_bytes() == before
+
+
+def test_one_video_with_workers_is_chunked_and_keeps_frames_and_audio(tmp_path):
+    import av
+    src = data_path("video", "pyfeat_WolfgangLanger_Pexels.mp4")
+    r = run_cli("anonymize", src, "-o", tmp_path / "out.mp4", "--workers", "2",
+                "--chunk-seconds", "4", "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    with av.open(str(src)) as a, av.open(str(tmp_path / "out.mp4")) as b:
+        assert sum(1 for _ in b.decode(video=0)) == sum(1 for _ in a.decode(video=0))
+        assert [s.type for s in b.streams if s.type == "audio"] == ["audio"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    # the Pexels face is on every frame, and it is one person: one track id across the chunks
+    assert all(f["faces"] for f in report["frames"])
+    assert len({face["track"] for f in report["frames"] for face in f["faces"]}) == 1

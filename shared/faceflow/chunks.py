@@ -822,4 +822,5 @@ def process_video_in_chunks(engine, src: Path | str, dst: Path | str, *, workers
             "lookahead_frames": sum(x.get("lookahead_frames", 0) for x in summaries),
             "timing": {k: round(v, 3) for k, v in timing.items()},
             "frames_per_s": round(merged["frames"] / timing["total_s"], 2),
+            "ms": round(timing["total_s"] * 1000, 1),
             "work_dir": str(work) if keep else None}

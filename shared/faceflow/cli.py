@@ -56,7 +56,15 @@ def cmd_anonymize(args) -> int:
     if src.suffix.lower() in batch.VIDEO_EXTENSIONS:
         kwargs.update(report=args.report, video_options=_video_options(args),
                       progress=batch.Progress(src.name) if sys.stderr.isatty() else None)
-    report = engine.anonymize_file(src, dst, _mask_options(args), **kwargs)
+    if src.suffix.lower() in batch.VIDEO_EXTENSIONS and args.workers > 1:
+        # One video, several processes: cut at keyframes, chunks in parallel, joined losslessly.
+        from .chunks import process_video_in_chunks
+        report = process_video_in_chunks(engine, src, dst, workers=args.workers,
+                                         target_seconds=args.chunk_seconds, report=args.report,
+                                         mask_options=_mask_options(args),
+                                         video_options=kwargs["video_options"], verify=kwargs["verify"])
+    else:
+        report = engine.anonymize_file(src, dst, _mask_options(args), **kwargs)
     if args.report and src.suffix.lower() not in batch.VIDEO_EXTENSIONS:
         from .images import atomic_write
         atomic_write(args.report, json.dumps(report, indent=1).encode())
@@ -117,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--cells", type=int, default=2, help="detail left across a face (blur/pixelate; lower is stronger)")
     a.add_argument("--report", default=None, help="JSON report (file; a folder for a folder input)")
     a.add_argument("--summary", default=None, help="batch summary, .csv or .json (default OUTPUT/faceflow-summary.csv)")
-    a.add_argument("--workers", type=int, default=1, help="parallel processes for a folder")
+    a.add_argument("--workers", type=int, default=1, help="parallel processes (a folder: files; a video: chunks)")
+    a.add_argument("--chunk-seconds", type=float, default=6.0, help="chunk length for a video with --workers > 1")
     a.add_argument("--force", action="store_true", help="redo files whose output is already there")
     a.add_argument("--no-audio", action="store_true", help="drop audio from videos (kept by default)")
     a.add_argument("--no-verify", action="store_true", help="skip the check that masked faces are undetectable (photos)")
