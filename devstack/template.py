@@ -89,7 +89,8 @@ def load(path: Path) -> TemplateConfig:
             eprops = event.get("Properties") or {}
             if event.get("Type") == "HttpApi" and eprops.get("Method") and eprops.get("Path"):
                 routes.append(f"{str(eprops['Method']).upper()} {eprops['Path']}")
-            elif event.get("Type") == "S3" and eprops.get("Bucket") == "InputBucket":
+            elif (event.get("Type") == "S3" and eprops.get("Bucket") == "InputBucket"
+                  and handler == "functions.stills.app.handler"):  # the video split function has its own
                 rules = ((eprops.get("Filter") or {}).get("S3Key") or {}).get("Rules") or []
                 s3_filters.append({str(r["Name"]).lower(): str(r["Value"]) for r in rules})
     if s3_filters:

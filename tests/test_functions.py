@@ -438,3 +438,44 @@ def test_logs_hold_no_pixels_faces_or_object_keys_and_carry_a_correlation_id(sta
         assert re.fullmatch(r"[0-9A-F]{16}", record.get("correlation_id") or ""), record
         assert re.fullmatch(r"[0-9a-f]{32}", record["job_id"]), record
         assert record["function_request_id"]
+
+
+# -- videos through the API --------------------------------------------------------------------------
+
+def test_api_video_job_progress_route_and_recorded_outputs(stack, redis_client):
+    """POST /v1/jobs takes a video (and the routing's sensitivity and priority); GET shows the
+    video handlers' stage, route and chunk progress; the result links come from the record's
+    outputs (a video's result is named apart from its upload)."""
+    status, _, body = stack.request("POST", "/v1/jobs", body={"filename": "keynote.mp4", "sensitivity": "private",
+                                                              "priority": "low"})
+    assert status == 201, body
+    created = json.loads(body)
+    job_id, up = created["job_id"], created["upload"]
+    assert up["headers"] == {"Content-Type": "video/mp4"} and up["url"].startswith("http")
+    assert f"uploads/{job_id}/keynote.mp4" in urllib.parse.unquote(up["url"])
+    key = f"faceflow:job:{job_id}"
+    record = redis_client.hgetall(key)
+    assert record["sensitivity"] == "private" and record["priority"] == "low" and record["media"] == "video"
+    assert stack.request("POST", "/v1/jobs", body={"filename": "x.mp4", "sensitivity": "secret"})[0] == 400
+
+    # as the split function and the chunk workers leave it (functions/common/sessions.py)
+    redis_client.hset(key, mapping={"status": "running", "stage": "chunks", "route": "default",
+                                    "chunks_done": "3", "chunks_total": "7",
+                                    "progress": json.dumps({"chunks_done": 3, "chunks_total": 7})})
+    job = get_job(stack, job_id)
+    assert job["status"] == "running" and job["stage"] == "chunks" and job["route"] == "default"
+    assert job["progress"] == {"chunks_done": 3, "chunks_total": 7}
+    redis_client.hdel(key, "progress")                  # the counters alone are enough
+    assert get_job(stack, job_id)["progress"] == {"chunks_done": 3, "chunks_total": 7}
+
+    out = f"results/{job_id}/keynote.mp4"
+    stack.s3.put_object(Bucket=stack.output_bucket, Key=out, Body=b"video bytes")
+    stack.s3.put_object(Bucket=stack.output_bucket, Key=out + ".json", Body=b"{}")
+    outputs = {"video": f"s3://{stack.output_bucket}/{out}", "report": f"s3://{stack.output_bucket}/{out}.json"}
+    redis_client.hset(key, mapping={"status": "done", "stage": "merged", "outputs": json.dumps(outputs)})
+    status, _, body = stack.request("GET", f"/v1/jobs/{job_id}/result")
+    assert status == 200, body
+    links = json.loads(body)
+    assert links.get("image_url") is None
+    assert http("GET", links["video_url"]) == (200, b"video bytes")
+    assert http("GET", links["report_url"]) == (200, b"{}")

@@ -23,6 +23,8 @@ TEMPLATE = ROOT / "template.yaml"
 DOCKERFILE = ROOT / "layers" / "Dockerfile"
 REQUIREMENTS = ROOT / "layers" / "requirements-function.txt"
 DOCKERIGNORE = ROOT / ".dockerignore"
+# Under a copied folder but left out of the Lambda image on purpose: the GPU worker's own image.
+LEFT_OUT_OF_THE_IMAGE = ("functions/gpu/",)
 
 LAMBDA_PYTHON_IMAGE = "public.ecr.aws/lambda/python:3.12"
 MODEL_DIR = "/opt/faceflow/models"
@@ -36,6 +38,15 @@ ALLOWED_MANAGED_POLICIES = {
     "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",
     "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
 }
+# SAM adds this one to functions with an SQS event (receive/delete/attributes, on any queue);
+# allowed only on those, which also grant the same actions on their own queue explicitly.
+SQS_EXECUTION_POLICY = "arn:aws:iam::aws:policy/service-role/AWSLambdaSQSQueueExecutionRole"
+VIDEO_HANDLERS = {"SplitFunction": "functions.video.app.split_handler",
+                  "ChunkWorkerFunction": "functions.video.app.chunk_worker_handler",
+                  "SessionChunkFunction": "functions.video.app.session_chunk_handler",
+                  "GpuResultFunction": "functions.video.app.gpu_result_handler"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v", ".webm", ".avi", ".ts", ".mts"}
+WORK_PREFIX, SESSION_PREFIX = "work/", "sessions/"  # functions/video/app.py
 
 # Installed size of the image's dependencies (requirements-function.txt, boto3/botocore
 # included since the image installs them, numpy's tests removed as the Dockerfile does).
@@ -198,15 +209,27 @@ def test_function_handlers_and_sizes(template):
     assert api["ImageConfig"]["Command"] == ["functions.api.app.handler"]
     assert stills["MemorySize"] >= 2048 and stills["Timeout"] == 120
     assert api["Timeout"] <= 29  # the HTTP API gives up at 30 s
+    for name, handler in VIDEO_HANDLERS.items():
+        assert fns[name]["Properties"]["ImageConfig"]["Command"] == [handler], name
+    split, worker = fns["SplitFunction"]["Properties"], fns["ChunkWorkerFunction"]["Properties"]
+    assert (split["Timeout"], split["MemorySize"], split["EphemeralStorage"]) == (900, 3008, {"Size": 10240})
+    assert (worker["Timeout"], worker["MemorySize"], worker["EphemeralStorage"]) == (300, 3008, {"Size": 10240})
+    assert fns["SessionChunkFunction"]["Properties"]["Timeout"] == 300
+    assert fns["GpuResultFunction"]["Condition"] == "GpuEnabled"
+    env = fn_environment(template, fns["SplitFunction"])
+    assert env["FACEFLOW_CHUNK_QUEUE_URL"] == {"Ref": "ChunkQueue"}
+    assert env["FACEFLOW_CHUNK_SECONDS"] == {"Ref": "ChunkSeconds"}
+    assert fn_environment(template, fns["SessionChunkFunction"])["FACEFLOW_SESSION_TTL_S"] == {"Ref": "SessionTtlSeconds"}
 
 
 def test_environment_follows_settings(template):
     settings = (ROOT / "functions" / "common" / "settings.py").read_text()
     documented = set(re.findall(r"^\| (FACEFLOW_[A-Z_]+) \|", settings, re.M))
-    # FACEFLOW_GPU_ENDPOINT is read (and documented) by functions/common/gpu.py, the GPU submit side.
-    gpu_side = (ROOT / "functions" / "common" / "gpu.py").read_text()
-    documented |= set(re.findall(r"^\| (FACEFLOW_GPU_[A-Z_]+) \|", gpu_side, re.M))
-    assert {"FACEFLOW_INPUT_BUCKET", "FACEFLOW_OUTPUT_BUCKET", "FACEFLOW_REDIS_URL"} <= documented
+    assert {"FACEFLOW_INPUT_BUCKET", "FACEFLOW_OUTPUT_BUCKET", "FACEFLOW_REDIS_URL",
+            "FACEFLOW_GPU_ENDPOINT"} <= documented
+    # The video functions' own variables live beside them, in functions/video/config.py.
+    video = (ROOT / "functions" / "video" / "config.py").read_text()
+    documented |= set(re.findall(r"^\| (FACEFLOW_[A-Z_]+) \|", video, re.M))
     for name, fn in functions(template).items():
         env = fn_environment(template, fn)
         unknown = {k for k in env if k.startswith("FACEFLOW_")} - documented
@@ -309,11 +332,15 @@ def test_no_wildcard_actions_in_the_template(template):
     assert _check_statements(template) == []
 
 
-def test_no_wildcard_actions_after_the_sam_transform(transformed):
+def test_no_wildcard_actions_after_the_sam_transform(template, transformed):
     assert _check_statements(transformed) == []
+    sqs_consumers = {f"{name}Role" for name, fn in functions(template).items()
+                     if any(e["Type"] == "SQS" for e in fn["Properties"].get("Events", {}).values())}
+    assert sqs_consumers == {"ChunkWorkerFunctionRole", "SessionChunkFunctionRole"}
     for name, role in resources(transformed, "AWS::IAM::Role").items():
         managed = set(role["Properties"].get("ManagedPolicyArns", []))
-        assert managed <= ALLOWED_MANAGED_POLICIES, f"{name}: {managed - ALLOWED_MANAGED_POLICIES}"
+        allowed = ALLOWED_MANAGED_POLICIES | ({SQS_EXECUTION_POLICY} if name in sqs_consumers else set())
+        assert managed <= allowed, f"{name}: {managed - allowed}"
 
 
 def _function_statements(template: dict, fn_name: str) -> list[dict]:
@@ -378,21 +405,35 @@ def test_buckets_are_private_encrypted_https_only_and_expire(template):
 def test_only_the_input_bucket_triggers_processing(template):
     from faceflow.images import EXTENSION_FORMAT
 
-    for name, bucket in resources(template, "AWS::S3::Bucket").items():
-        assert "NotificationConfiguration" not in bucket["Properties"], f"{name}: use SAM S3 events"
-    suffixes = []
+    assert "NotificationConfiguration" not in resources(template, "AWS::S3::Bucket")["OutputBucket"]["Properties"]
+    # The input bucket's own notifications: stream session chunks to their queue, nothing else
+    # (Lambda triggers are SAM S3 events).
+    notifications = template["Resources"]["InputBucket"]["Properties"]["NotificationConfiguration"]
+    assert set(notifications) == {"QueueConfigurations"}
+    session_suffixes = set()
+    for config in notifications["QueueConfigurations"]:
+        assert config["Queue"] == {"Fn::GetAtt": ["SessionChunkQueue", "Arn"]}
+        assert config["Event"] == "s3:ObjectCreated:*"
+        rules = {r["Name"]: r["Value"] for r in config["Filter"]["S3Key"]["Rules"]}
+        assert rules["prefix"] == SESSION_PREFIX
+        session_suffixes.add(rules["suffix"])
+    assert session_suffixes == {".mp4", ".ts"}
+    suffixes, by_function = [], {}
     for fn_name, fn in functions(template).items():
         for ev_name, event in fn["Properties"].get("Events", {}).items():
             if event["Type"] != "S3":
                 continue
-            assert fn_name == "StillsFunction", f"{fn_name}.{ev_name}: only the stills function reads uploads"
+            assert fn_name in ("StillsFunction", "SplitFunction"), f"{fn_name}.{ev_name}: only stills and split read uploads"
             props = event["Properties"]
             assert props["Bucket"] == {"Ref": "InputBucket"}, f"{ev_name}: S3 events on the input bucket only"
             assert as_list(props["Events"]) == ["s3:ObjectCreated:*"], ev_name
             rules = {r["Name"]: r["Value"] for r in props["Filter"]["S3Key"]["Rules"]}
             assert rules["prefix"] == UPLOAD_PREFIX, ev_name
             suffixes.append(rules["suffix"])
+            by_function.setdefault(fn_name, set()).add(rules["suffix"])
     assert len(suffixes) == len(set(suffixes)), "one event per suffix"
+    assert by_function["SplitFunction"] == {case(ext) for ext in VIDEO_SUFFIXES for case in (str.lower, str.upper)}
+    suffixes = sorted(by_function["StillsFunction"])
     wanted = {case(ext) for ext in EXTENSION_FORMAT for case in (str.lower, str.upper)}
     assert wanted <= set(suffixes), f"formats the engine accepts but nothing triggers on: {wanted - set(suffixes)}"
     assert {".jpg", ".jpeg", ".png", ".webp"} <= set(suffixes)
@@ -402,11 +443,19 @@ def test_output_bucket_never_triggers_after_the_sam_transform(transformed):
     buckets = resources(transformed, "AWS::S3::Bucket")
     assert "NotificationConfiguration" not in buckets["OutputBucket"]["Properties"]
     notifications = buckets["InputBucket"]["Properties"]["NotificationConfiguration"]
-    assert set(notifications) == {"LambdaConfigurations"}
+    assert set(notifications) == {"LambdaConfigurations", "QueueConfigurations"}, \
+        "SAM must keep the session queue's notifications when it adds the functions' S3 events"
+    targets = set()
     for config in notifications["LambdaConfigurations"]:
-        assert config["Function"] == {"Ref": "StillsFunctionAliaslive"}
+        targets.add(config["Function"]["Ref"])
         rules = {r["Name"]: r["Value"] for r in config["Filter"]["S3Key"]["Rules"]}
         assert rules["prefix"] == UPLOAD_PREFIX
+    assert targets == {"StillsFunctionAliaslive", "SplitFunctionAliaslive"}
+    for config in notifications["QueueConfigurations"]:
+        rules = {r["Name"]: r["Value"] for r in config["Filter"]["S3Key"]["Rules"]}
+        assert rules["prefix"] == SESSION_PREFIX
+    # S3 checks the queue policy when the notification is set: the bucket waits for it.
+    assert "SessionChunkQueuePolicy" in as_list(buckets["InputBucket"]["DependsOn"])
     # The functions write results only under results/ in the output bucket: nothing they
     # write can land where the trigger listens.
     out_sub = bucket_name(transformed, "OutputBucket")
@@ -428,6 +477,117 @@ def test_stills_failures_go_to_an_encrypted_queue(template):
     assert on_failure["Type"] == "SQS"
     queue = on_failure["Destination"]["Fn::GetAtt"][0]
     assert template["Resources"][queue]["Properties"]["SqsManagedSseEnabled"] is True
+
+
+# --- video: queues, session notifications, policies -----------------------------------------
+
+def test_session_queue_accepts_only_the_input_buckets_notifications(template):
+    res = template["Resources"]
+    policy = res["SessionChunkQueuePolicy"]["Properties"]
+    assert policy["Queues"] == [{"Ref": "SessionChunkQueue"}]
+    statement, = policy["PolicyDocument"]["Statement"]
+    assert statement["Effect"] == "Allow" and statement["Principal"] == {"Service": "s3.amazonaws.com"}
+    assert as_list(statement["Action"]) == ["sqs:SendMessage"]
+    assert statement["Resource"] == {"Fn::GetAtt": ["SessionChunkQueue", "Arn"]}
+    condition = statement["Condition"]
+    # Computed, not !GetAtt InputBucket.Arn: the bucket depends on this policy.
+    assert sub_string(condition["ArnEquals"]["aws:SourceArn"]) == \
+        f"arn:${{AWS::Partition}}:s3:::{bucket_name(template, 'InputBucket')}"
+    assert condition["StringEquals"]["aws:SourceAccount"] == {"Ref": "AWS::AccountId"}
+    assert "SessionChunkQueuePolicy" in as_list(res["InputBucket"]["DependsOn"])
+
+
+def test_sqs_event_sources_report_batch_item_failures_and_have_dead_letter_queues(template, transformed):
+    res = template["Resources"]
+    expected = {"ChunkWorkerFunction": ("ChunkQueue", 1, 5), "SessionChunkFunction": ("SessionChunkQueue", 10, 50)}
+    seen = {}
+    for fn_name, fn in functions(template).items():
+        for ev_name, event in fn["Properties"].get("Events", {}).items():
+            if event["Type"] == "SQS":
+                seen[fn_name] = event["Properties"]
+    assert set(seen) == set(expected)
+    for fn_name, (queue, batch, receives) in expected.items():
+        props = seen[fn_name]
+        assert props["Queue"] == {"Fn::GetAtt": [queue, "Arn"]}, fn_name
+        assert props["BatchSize"] == batch, fn_name
+        assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"], fn_name
+        q = res[queue]["Properties"]
+        assert q["SqsManagedSseEnabled"] is True, queue
+        assert q["VisibilityTimeout"] >= 6 * res[fn_name]["Properties"]["Timeout"], queue
+        redrive = q["RedrivePolicy"]
+        assert redrive["maxReceiveCount"] == receives, queue
+        dlq = redrive["deadLetterTargetArn"]["Fn::GetAtt"][0]
+        assert res[dlq]["Properties"]["SqsManagedSseEnabled"] is True, dlq
+        assert res[dlq]["Properties"]["MessageRetentionPeriod"] == 1209600, dlq
+    # And after the transform, on every event source mapping.
+    mappings = resources(transformed, "AWS::Lambda::EventSourceMapping")
+    assert len(mappings) == len(expected)
+    for name, mapping in mappings.items():
+        assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"], name
+
+
+def test_video_function_policies_are_least_privilege(template):
+    arn = "arn:${AWS::Partition}:s3:::"
+    inp, out = bucket_name(template, "InputBucket"), bucket_name(template, "OutputBucket")
+
+    def grants(fn_name):
+        result = set()
+        for st in _function_statements(template, fn_name):
+            assert st["Effect"] == "Allow" and "NotAction" not in st and "NotResource" not in st
+            for resource in as_list(st["Resource"]):
+                where = sub_string(resource) or json.dumps(resource)
+                for action in as_list(st["Action"]):
+                    result.add((action, where, json.dumps(st.get("Condition"), sort_keys=True)))
+        return result
+
+    none = json.dumps(None)
+    queue = lambda name: json.dumps({"Fn::GetAtt": [name, "Arn"]})  # noqa: E731
+    listing = lambda prefix: json.dumps({"StringLike": {"s3:prefix": f"{prefix}*"}})  # noqa: E731
+    assert grants("SplitFunction") == {
+        ("s3:GetObject", f"{arn}{inp}/{UPLOAD_PREFIX}*", none),
+        ("s3:GetObjectTagging", f"{arn}{inp}/{UPLOAD_PREFIX}*", none),
+        ("s3:PutObject", f"{arn}{out}/{WORK_PREFIX}*", none),
+        ("sqs:SendMessage", queue("ChunkQueue"), none)}
+    consume = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"}
+    assert grants("ChunkWorkerFunction") == {
+        ("s3:GetObject", f"{arn}{out}/{WORK_PREFIX}*", none),
+        ("s3:PutObject", f"{arn}{out}/{WORK_PREFIX}*", none),
+        ("s3:ListBucket", f"{arn}{out}", listing(WORK_PREFIX)),
+        ("s3:PutObject", f"{arn}{out}/{RESULT_PREFIX}*", none),
+        *((a, queue("ChunkQueue"), none) for a in consume)}
+    assert grants("SessionChunkFunction") == {
+        ("s3:GetObject", f"{arn}{inp}/{SESSION_PREFIX}*", none),
+        ("s3:GetObject", f"{arn}{out}/{SESSION_PREFIX}*", none),
+        ("s3:PutObject", f"{arn}{out}/{SESSION_PREFIX}*", none),
+        ("s3:ListBucket", f"{arn}{out}", listing(SESSION_PREFIX)),
+        *((a, queue("SessionChunkQueue"), none) for a in consume | {"sqs:GetQueueUrl"})}
+    assert grants("GpuResultFunction") == {
+        ("s3:GetObject", f"{arn}{out}/{GPU_RESPONSES}*", none),
+        ("s3:GetObject", f"{arn}{out}/{GPU_FAILURES}*", none)}
+    # The GPU answers come in on the endpoint's two topics.
+    events = template["Resources"]["GpuResultFunction"]["Properties"]["Events"]
+    assert {json.dumps(e["Properties"]["Topic"]) for e in events.values() if e["Type"] == "SNS"} == {
+        json.dumps({"Ref": "GpuSuccessTopic"}), json.dumps({"Ref": "GpuErrorTopic"})}
+
+
+def test_video_prefixes_expire(template):
+    source = (ROOT / "functions" / "video" / "app.py").read_text()  # importing it needs settings
+    assert f'WORK_PREFIX = "{WORK_PREFIX}"' in source and f'SESSION_PREFIX = "{SESSION_PREFIX}"' in source
+    res = template["Resources"]
+
+    def expiring(bucket):
+        return {r["Prefix"]: r["ExpirationInDays"] for r in res[bucket]["Properties"]["LifecycleConfiguration"]["Rules"]
+                if r.get("Status") == "Enabled" and "Prefix" in r and "ExpirationInDays" in r}
+
+    out = expiring("OutputBucket")
+    assert out[RESULT_PREFIX] == {"Ref": "ResultExpirationDays"}
+    assert out[WORK_PREFIX] == {"Ref": "WorkExpirationDays"}
+    assert str(template["Parameters"]["WorkExpirationDays"]["Default"]) == "2"
+    assert out[SESSION_PREFIX] == {"Ref": "SessionExpirationDays"}
+    assert expiring("InputBucket")[SESSION_PREFIX] == {"Ref": "SessionExpirationDays"}
+    # Checkpoints must outlive the Redis session they restore.
+    assert int(template["Parameters"]["SessionExpirationDays"]["Default"]) * 86400 >= \
+        int(template["Parameters"]["SessionTtlSeconds"]["Default"])
 
 
 # --- HTTP API ------------------------------------------------------------------------------
@@ -464,7 +624,10 @@ def test_api_routes_all_go_through_the_chosen_authorizer(template, transformed):
 
 def test_outputs(template):
     assert {"InputBucketName", "OutputBucketName", "ApiUrl", "StillsFunctionArn", "StillsFunctionAliasArn",
-            "ApiFunctionArn", "ApiFunctionAliasArn", "StillsFailureQueueUrl"} <= set(template["Outputs"])
+            "ApiFunctionArn", "ApiFunctionAliasArn", "StillsFailureQueueUrl", "ChunkQueueUrl",
+            "SessionChunkQueueUrl"} <= set(template["Outputs"])
+    assert template["Outputs"]["ChunkQueueUrl"]["Value"] == {"Ref": "ChunkQueue"}
+    assert template["Outputs"]["SessionChunkQueueUrl"]["Value"] == {"Ref": "SessionChunkQueue"}
 
 
 # --- Dockerfile ----------------------------------------------------------------------------
@@ -560,7 +723,11 @@ def test_dockerfile_copy_sources_exist_and_are_in_the_build_context():
                 p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
             assert files, f"COPY {source}: nothing to copy"
             for f in files:
-                assert not dockerignored(f.relative_to(ROOT).as_posix()), f"{f}: excluded by .dockerignore"
+                rel = f.relative_to(ROOT).as_posix()
+                if rel.startswith(LEFT_OUT_OF_THE_IMAGE):
+                    assert dockerignored(rel), f"{rel}: the GPU worker does not belong in the Lambda image"
+                    continue
+                assert not dockerignored(rel), f"{f}: excluded by .dockerignore"
 
 
 def test_build_context_leaves_out_tests_and_local_state():
@@ -574,6 +741,9 @@ def test_final_stage_bakes_models_and_code_without_onnx():
     final = stages()[-1]
     steps = final["steps"]
     text = "\n".join(f"{w} {a}" for w, a in steps)
+    assert "COPY layers/routing.json /opt/faceflow/routing.json" in text  # faceflow.routing's default location
+    from faceflow import routing
+    assert Path("/opt/faceflow/routing.json") in routing.DEFAULT_LOCATIONS
     assert f"ENV FACEFLOW_MODEL_DIR={MODEL_DIR}" in text
     from_copies = [a for w, a in steps if w == "COPY" and "--from=" in a]
     assert from_copies and all(a.split()[-2:] == [MODEL_DIR, MODEL_DIR] for a in from_copies), from_copies
@@ -892,5 +1062,7 @@ def test_functions_may_invoke_only_this_endpoint(template, transformed):
     roles = resources(transformed, "AWS::IAM::Role")
     attached = [r["Ref"] for r in policy["Roles"]]
     assert attached and all(name in roles for name in attached), (attached, sorted(roles))
-    assert set(attached) == {f"{name}Role" for name in functions(template)}, \
+    # The functions that route a job (stills, API, a whole video's split) may submit; the
+    # chunk and session workers and the result recorder never do.
+    assert set(attached) == {"StillsFunctionRole", "ApiFunctionRole", "SplitFunctionRole"}, \
         "every function that may route a job to the GPU needs the submit policy"

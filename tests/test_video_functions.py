@@ -721,3 +721,138 @@ def test_bad_inputs_fail_the_job_or_skip_the_chunk(app, s3, rdb, clip_split):
     # keys that are not session chunks never run
     for bad in (f"sessions/{sid}/01.mp4", f"sessions/{sid}/x.mp4", "sessions/../3.mp4", f"sessions/{sid}/3.mov"):
         assert app.session_chunk_handler(_s3_event(INPUT_BUCKET, bad, 1), Context())["results"][0]["status"] == "ignored"
+
+
+# --- d. routing: whole videos to the GPU endpoint, or split on Lambda ----------------------------
+
+GPU_RULES = {
+    "version": 1,
+    "rules": [
+        {"name": "private-stays-on-lambda", "when": {"sensitivity": ["private"]}, "target": "lambda"},
+        {"name": "any-video-on-gpu", "description": "test: every video of 0 s or more",
+         "when": {"media": ["video"], "duration_s": {"gte": 0}}, "target": "gpu"},
+    ],
+    "default": {"target": "lambda"},
+}
+
+
+@pytest.fixture()
+def gpu_routing(tmp_path, monkeypatch, aws_env):
+    """A rule table that sends every (non-private) video to the GPU endpoint, and an endpoint
+    name (moto's sagemaker-runtime takes async invocations for any name)."""
+    rules = tmp_path / "routing.json"
+    rules.write_text(json.dumps(GPU_RULES))
+    monkeypatch.setenv("FACEFLOW_ROUTING_FILE", str(rules))
+    monkeypatch.setenv("FACEFLOW_GPU_ENDPOINT", "ff-gpu-test")
+    sqs = boto3.client("sqs", region_name=REGION)
+    sqs.purge_queue(QueueUrl=aws_env["FACEFLOW_CHUNK_QUEUE_URL"])
+    yield sqs
+    sqs.purge_queue(QueueUrl=aws_env["FACEFLOW_CHUNK_QUEUE_URL"])
+
+
+def _queued(sqs, queue: str) -> list[dict]:
+    return [json.loads(m["Body"]) for m in sqs.receive_message(
+        QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=0).get("Messages", [])]
+
+
+@pytest.mark.data
+def test_video_routed_to_gpu_is_submitted_not_split(app, s3, aws_env, rdb, gpu_routing):
+    from functions.common.jobs import QUEUED, RUNNING, JobStore
+    src = data_path(*CLIP)
+    jobs = JobStore(rdb, 3600)
+    job_id = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
+    jobs.put(job_id, QUEUED, owner="tester", sensitivity="normal", priority="low")   # as the API stores it
+    key = f"uploads/{job_id}/keynote.mp4"
+    s3.upload_file(str(src), INPUT_BUCKET, key)
+    reply = app.split_handler(_video_event(key, src.stat().st_size), Context())["results"][0]
+    assert reply == {"job_id": job_id, "status": RUNNING, "target": "gpu", "route": "any-video-on-gpu"}
+    request = json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=f"results/_gpu/requests/{job_id}.json")["Body"].read())
+    assert request == {"job_id": job_id, "operation": "anonymize", "input": f"s3://{INPUT_BUCKET}/{key}",
+                       "output": f"s3://{OUTPUT_BUCKET}/results/{job_id}/keynote.mp4",
+                       "report": f"s3://{OUTPUT_BUCKET}/results/{job_id}/keynote.mp4.json"}
+    job = jobs.get(job_id)
+    assert job["status"] == RUNNING and job["stage"] == "gpu" and job["route"] == "any-video-on-gpu"
+    assert job["backend"] == "gpu" and job["gpu_endpoint"] == "ff-gpu-test" and job["owner"] == "tester"
+    assert job["gpu_request"] == f"s3://{OUTPUT_BUCKET}/results/_gpu/requests/{job_id}.json"
+    assert job["gpu_output_location"].startswith("s3://")
+    # nothing split: no plan, no chunks, no chunk messages
+    assert not s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=f"work/{job_id}/").get("KeyCount")
+    assert _queued(gpu_routing, aws_env["FACEFLOW_CHUNK_QUEUE_URL"]) == []
+    # a repeated upload event does not submit again
+    again = app.split_handler(_video_event(key, src.stat().st_size), Context())["results"][0]
+    assert again["status"] == RUNNING and again["target"] == "gpu" and jobs.get(job_id)["updated"] == job["updated"]
+
+    # the endpoint's success notification (SNS) marks it done with the GPU worker's outputs
+    event = json.loads((ROOT / "events" / "sns_gpu_result.json").read_text().replace(
+        "0123456789abcdef0123456789abcd01", job_id).replace("faceflow-output-123456789012", OUTPUT_BUCKET))
+    assert app.gpu_result_handler(event, Context()) == {"results": [{"job_id": job_id, "status": "done"}]}
+    job = jobs.get(job_id)
+    assert job["status"] == "done" and job["backend"] == "gpu" and job["owner"] == "tester"
+    assert job["outputs"] == {"video": f"s3://{OUTPUT_BUCKET}/results/{job_id}/keynote.mp4",
+                              "report": f"s3://{OUTPUT_BUCKET}/results/{job_id}/keynote.mp4.json"}
+
+
+def test_gpu_failure_notification_fails_the_job(app, rdb, aws_env):
+    from functions.common.jobs import RUNNING, JobStore
+    jobs = JobStore(rdb, 3600)
+    job_id = "b1b2c3d4e5f60718293a4b5c6d7e8f90"
+    jobs.put(job_id, RUNNING, owner="tester", stage="gpu")
+    event = json.loads((ROOT / "events" / "sns_gpu_result.json").read_text())
+    note = json.loads(event["Records"][0]["Sns"]["Message"])
+    note.update(inferenceId=job_id, invocationStatus="Failed",
+                failureReason='ClientError: Received client error (422) from primary with message '
+                              '"{"status": "failed", "error": "input is not a video"}". See logs.')
+    note.pop("responseBody"), note.pop("responseParameters")
+    event["Records"][0]["Sns"]["Message"] = json.dumps(note)
+    bogus = {"EventSource": "aws:sns", "Sns": {"Type": "Notification", "Message": json.dumps({"hello": 1})}}
+    event["Records"].append(bogus)
+    reply = app.gpu_result_handler(event, Context())
+    assert reply == {"results": [{"job_id": job_id, "status": "failed"}, {"status": "ignored"}]}
+    job = jobs.get(job_id)
+    assert job["status"] == "failed" and job["error"] == "input is not a video" and job["backend"] == "gpu"
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_private_video_stays_on_lambda_and_is_split(app, s3, aws_env, rdb, gpu_routing):
+    from functions.common.jobs import RUNNING, JobStore
+    src = data_path(*CLIP)
+    jobs = JobStore(rdb, 3600)
+    job_id = "c1b2c3d4e5f60718293a4b5c6d7e8f90"
+    key = f"uploads/{job_id}/private.mp4"
+    s3.upload_file(str(src), INPUT_BUCKET, key, ExtraArgs={"Tagging": "faceflow-sensitivity=private"})
+    reply = app.split_handler(_video_event(key, src.stat().st_size), Context())["results"][0]
+    assert reply["status"] == RUNNING and reply["chunks"] >= 4 and "target" not in reply
+    job = jobs.get(job_id)
+    assert job["stage"] == "chunks" and job["route"] == "private-stays-on-lambda" and job["route_target"] == "lambda"
+    assert "gpu_request" not in job
+    assert not s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=f"results/_gpu/requests/{job_id}").get("KeyCount")
+    assert s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=f"work/{job_id}/chunks/")["KeyCount"] == reply["chunks"]
+    assert {m["job_id"] for m in _queued(gpu_routing, aws_env["FACEFLOW_CHUNK_QUEUE_URL"])} == {job_id}
+
+
+@pytest.mark.data
+def test_job_facts_from_tags_and_the_job_record(app, s3, aws_env, tmp_path):
+    from faceflow.video import probe
+    src = data_path(*CLIP)
+    key = "uploads/facts/clip.mp4"
+    s3.upload_file(str(src), INPUT_BUCKET, key,
+                   ExtraArgs={"Tagging": "faceflow-priority=LOW&faceflow-sensitivity=standard"})
+    upload = {"bucket": INPUT_BUCKET, "key": key, "version": ""}
+    size = src.stat().st_size
+    facts = app.job_facts(upload, src, size, None)
+    info = probe(src)
+    assert facts == {"operation": "anonymize", "media": "video", "size_bytes": size, "duration_s": info.duration,
+                     "width": info.width, "height": info.height, "sensitivity": "standard", "priority": "low"}
+    # private in either the tag or the job record wins; the API's "normal" is routing's "standard"
+    assert app.job_facts(upload, src, size, {"sensitivity": "private"})["sensitivity"] == "private"
+    s3.put_object_tagging(Bucket=INPUT_BUCKET, Key=key, Tagging={"TagSet": [{"Key": "faceflow-sensitivity", "Value": "secret"}]})
+    facts = app.job_facts(upload, src, size, {"sensitivity": "normal", "priority": "high"})
+    assert facts["priority"] == "high" and app.routing.route(facts).rule_name == "private-stays-on-lambda"
+    s3.delete_object_tagging(Bucket=INPUT_BUCKET, Key=key)
+    facts = app.job_facts(upload, src, size, {"sensitivity": "normal"})
+    assert facts["sensitivity"] == "standard" and "priority" not in facts
+    # an unreadable file: routed without its duration (the split refuses it afterwards)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video")
+    assert "duration_s" not in app.job_facts(upload, junk, 11, None)

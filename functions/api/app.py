@@ -1,13 +1,16 @@
 """The HTTP API (API Gateway HTTP API, payload 2.0).
 
-    POST /v1/jobs               create a job: a job id and a presigned upload URL
-    GET  /v1/jobs/{id}          status (queued, running, done, failed), outputs, error
+    POST /v1/jobs               create a job (a photo or a video; optional sensitivity and
+                                priority, used by the routing): a job id and a presigned upload URL
+    GET  /v1/jobs/{id}          status (queued, running, done, failed), stage, route, progress
+                                (videos: chunks done of total), outputs, error
     GET  /v1/jobs/{id}/result   presigned download URLs of the result and its report
     POST /v1/analyze            small image in (raw body or multipart) → faces as JSON
     POST /v1/anonymize          small image in → anonymised image out
     GET  /v1/openapi.json       this API's OpenAPI document
 
-Jobs belong to the caller (JWT subject or IAM principal): another caller gets 404.
+Jobs belong to the caller (JWT subject or IAM principal): another caller gets 404, and so
+does an authenticated caller for a job without an owner (one dropped into the bucket).
 No `from __future__ import annotations` here: Powertools reads the route signatures' types
 at run time to validate requests.
 """
@@ -18,7 +21,7 @@ import re
 import sys
 from email.parser import BytesParser
 from email.policy import HTTP
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
@@ -36,7 +39,8 @@ from pydantic import BaseModel, Field
 
 from functions.common.aws import Adapters, make_tracer, result_keys
 from functions.common.jobs import DONE, QUEUED, new_job_id
-from functions.common.settings import UPLOAD_CONTENT_TYPES, UPLOAD_PREFIX
+from functions.common.settings import UPLOAD_CONTENT_TYPES as PHOTO_CONTENT_TYPES
+from functions.common.settings import UPLOAD_PREFIX
 
 logger = Logger(service="faceflow-api")
 tracer = make_tracer("faceflow-api")  # capture_response=False below: responses hold presigned
@@ -66,11 +70,20 @@ if os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") in ("provisioned-concurrency
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,200}$"
 CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+# Whole videos (functions/video/app.py's split function takes them from uploads/). Kept here,
+# beside settings.UPLOAD_CONTENT_TYPES (the photos'), which tests pin to the stills trigger.
+VIDEO_CONTENT_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime",
+                       ".mkv": "video/x-matroska", ".webm": "video/webm"}
+UPLOAD_CONTENT_TYPES = {**PHOTO_CONTENT_TYPES, **VIDEO_CONTENT_TYPES}
 
 
 class JobRequest(BaseModel):
-    filename: str = Field(pattern=SAFE_NAME, description="name of the photo, e.g. party.jpg")
+    filename: str = Field(pattern=SAFE_NAME, description="name of the photo or video, e.g. party.jpg, talk.mp4")
     content_type: Optional[str] = Field(default=None, description="Content-Type to upload with")
+    sensitivity: Optional[Literal["private", "normal"]] = Field(
+        default=None, description="private: processed only by the Lambda functions, never the GPU endpoint")
+    priority: Optional[Literal["low", "normal", "high"]] = Field(
+        default=None, description="low-priority long videos may wait for the GPU endpoint")
 
 
 class Upload(BaseModel):
@@ -86,11 +99,19 @@ class JobCreated(BaseModel):
     upload: Upload
 
 
+class Progress(BaseModel):
+    chunks_done: int
+    chunks_total: int
+
+
 class Job(BaseModel):
     id: str
     status: str
     created: float
     updated: float
+    stage: Optional[str] = None
+    route: Optional[str] = None
+    progress: Optional[Progress] = None
     error: Optional[str] = None
     outputs: Optional[dict[str, str]] = None
     faces: Optional[int] = None
@@ -98,7 +119,8 @@ class Job(BaseModel):
 
 
 class ResultLinks(BaseModel):
-    image_url: str
+    image_url: Optional[str] = None
+    video_url: Optional[str] = None
     report_url: str
     expires_in: int
 
@@ -114,7 +136,11 @@ def caller() -> str:
 
 def owned_job(job_id: str) -> dict:
     job = adapters.jobs.get(job_id) if JOB_ID.match(job_id) else None
-    if job is None or job.get("owner", caller()) != caller():
+    who = caller()
+    # a job without an owner (an object dropped into the bucket) is nobody's: only an
+    # unauthenticated caller (a local stack without an authorizer) may read it
+    owner = job.get("owner") if job is not None else None
+    if job is None or owner != who and not (owner is None and who == "anonymous"):
         raise NotFoundError(f"no job {job_id}")
     return job
 
@@ -132,7 +158,9 @@ def create_job(request: JobRequest) -> Response[JobCreated]:
     url = adapters.s3.generate_presigned_url(
         "put_object", ExpiresIn=settings.url_ttl_s,
         Params={"Bucket": settings.input_bucket, "Key": key, "ContentType": content_type})
-    adapters.jobs.put(job_id, QUEUED, owner=caller(), input=f"s3://{settings.input_bucket}/{key}")
+    adapters.jobs.put(job_id, QUEUED, owner=caller(), input=f"s3://{settings.input_bucket}/{key}",
+                      media="video" if suffix in VIDEO_CONTENT_TYPES else "image",
+                      sensitivity=request.sensitivity, priority=request.priority)
     metrics.add_metric(name="JobsCreated", unit=MetricUnit.Count, value=1)
     body = JobCreated(job_id=job_id, status=QUEUED, upload=Upload(
         url=url, headers={"Content-Type": content_type}, expires_in=settings.url_ttl_s))
@@ -142,7 +170,15 @@ def create_job(request: JobRequest) -> Response[JobCreated]:
 @app.get("/v1/jobs/<job_id>")
 def get_job(job_id: str) -> Job:
     job = owned_job(job_id)
-    return Job(**{k: v for k, v in job.items() if k in Job.model_fields})
+    fields = {k: v for k, v in job.items() if k in Job.model_fields}
+    progress = job.get("progress")
+    if not isinstance(progress, dict) and job.get("chunks_total") is not None:
+        progress = {"chunks_done": job.get("chunks_done") or 0, "chunks_total": job["chunks_total"]}
+    try:
+        fields["progress"] = Progress(**progress) if isinstance(progress, dict) else None
+    except ValueError:
+        fields["progress"] = None
+    return Job(**fields)
 
 
 @app.get("/v1/jobs/<job_id>/result")
@@ -151,14 +187,38 @@ def get_result(job_id: str) -> ResultLinks:
     if job["status"] != DONE:
         raise ServiceError(409, f"job {job_id} is {job['status']}" +
                            (f": {job['error']}" if job.get("error") else ""))
-    name = job["input"].rsplit("/", 1)[-1]
-    image_key, report_key = result_keys(job_id, name)
     settings = adapters.settings
 
     def link(key: str) -> str:
         return adapters.s3.generate_presigned_url(
             "get_object", ExpiresIn=settings.url_ttl_s, Params={"Bucket": settings.output_bucket, "Key": key})
+    links = recorded_links(job, link)
+    if links is not None:
+        return links
+    name = job["input"].rsplit("/", 1)[-1]
+    image_key, report_key = result_keys(job_id, name)
     return ResultLinks(image_url=link(image_key), report_url=link(report_key), expires_in=settings.url_ttl_s)
+
+
+_OUTPUT_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/(?P<key>.+)$")
+
+
+def recorded_links(job: dict, link) -> Optional[ResultLinks]:
+    """Links from the job record's `outputs` (a video's result is named apart from its input;
+    the GPU endpoint's too), for objects of the output bucket only; None when it has none."""
+    outputs = job.get("outputs")
+    if not isinstance(outputs, dict):
+        return None
+    keys = {}
+    for kind, uri in outputs.items():
+        match = _OUTPUT_URI.match(str(uri))
+        if match and match["bucket"] == adapters.settings.output_bucket:
+            keys[kind] = match["key"]
+    main = next((k for k in ("video", "image", "output") if k in keys), None)
+    if main is None or "report" not in keys:
+        return None
+    urls = {"video_url" if main == "video" else "image_url": link(keys[main])}
+    return ResultLinks(**urls, report_url=link(keys["report"]), expires_in=adapters.settings.url_ttl_s)
 
 
 def request_image() -> bytes:

@@ -10,7 +10,11 @@
 | FACEFLOW_MAX_SYNC_BYTES | largest body POST /v1/analyze and /v1/anonymize accept | 5242880 (5 MiB) |
 | FACEFLOW_URL_TTL_S | lifetime of presigned upload/download URLs | 900 |
 | FACEFLOW_MODEL_DIR | model bundle (baked into the image at /opt/faceflow/models) | see faceflow.bundle |
+| FACEFLOW_GPU_ENDPOINT | SageMaker async endpoint jobs may be routed to (functions/common/gpu.py; set by template.yaml only when the GPU part is deployed) | unset: no GPU |
 | AWS_ENDPOINT_URL | boto3's own: points S3/SQS/SageMaker at moto in tests | unset (AWS) |
+
+The video functions' own variables (FACEFLOW_CHUNK_QUEUE_URL, FACEFLOW_CHUNK_SECONDS,
+FACEFLOW_SESSION_TTL_S, ...) are documented, and read, by functions/video/config.py.
 """
 from __future__ import annotations
 

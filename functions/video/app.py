@@ -29,6 +29,14 @@ Handlers (one container image, one handler per function):
   Output: `results/{job_id}/{name}` and `results/{job_id}/{name}.json`; the job record says
   `done` only after both are written (each S3 PUT is atomic: a reader never sees a partial
   object), so the record is the completion signal.
+* Routing (faceflow.routing, layers/routing.json or FACEFLOW_ROUTING_FILE): before a whole video
+  is split, split_handler routes it from its facts (duration and height from a probe, the
+  object's size, `faceflow-sensitivity` / `faceflow-priority` from the object's tags or the
+  job record's `sensitivity` / `priority`). A "gpu" decision (only when FACEFLOW_GPU_ENDPOINT is
+  set) submits the job to the SageMaker async endpoint (functions.common.gpu) with its output
+  at `results/{job_id}/{name}`, records stage `gpu` and the rule (`route`), and splits nothing.
+* `gpu_result_handler`: the endpoint's success/error SNS notifications → the job record
+  (`done` with its outputs, or `failed` with the error).
 
 Every output key is a function of the input (job id, chunk index, session and seq), so a rerun
 rewrites the same objects with the same bytes.
@@ -57,6 +65,10 @@ from botocore.config import Config
 from faceflow import chunks
 from faceflow.engine import Engine
 from faceflow.images import BadInput
+from botocore.exceptions import ClientError
+
+from faceflow import routing
+from functions.common import gpu
 from functions.common.aws import Adapters, job_for_key, make_tracer, object_identity, result_keys
 from functions.common.jobs import DONE, FAILED, RUNNING
 from functions.common.sessions import (
@@ -101,6 +113,10 @@ class Runtime:
     @property
     def jobs(self):
         return self.adapters.jobs
+
+    @cached_property
+    def sagemaker(self):
+        return boto3.client("sagemaker-runtime", config=Config(retries={"max_attempts": 3, "mode": "standard"}))
 
     @cached_property
     def sqs(self):
@@ -302,16 +318,25 @@ def split_upload(upload: dict) -> dict[str, Any]:
         logger.info("video already done; repeat event ignored")
         metrics.add_metric(name="JobsDuplicate", unit=MetricUnit.Count, value=1)
         return {"job_id": job_id, "status": DONE}
+    if existing and existing["status"] == RUNNING and existing.get("stage") == GPU_STAGE:
+        logger.info("video already submitted to the GPU endpoint; repeat event ignored")
+        metrics.add_metric(name="JobsDuplicate", unit=MetricUnit.Count, value=1)
+        return {"job_id": job_id, "status": RUNNING, "target": "gpu"}
     if not runtime.video.chunk_queue_url:
         raise RuntimeError("missing configuration: FACEFLOW_CHUNK_QUEUE_URL")
-    jobs.put(job_id, RUNNING, input=f"s3://{upload['bucket']}/{upload['key']}", stage="split")
+    input_uri = f"s3://{upload['bucket']}/{upload['key']}"
+    jobs.put(job_id, RUNNING, input=input_uri, stage="split")
     start = time.perf_counter()
     keys = work_keys(job_id)
     suffix = Path(name).suffix.lower() or ".mp4"
     with tempfile.TemporaryDirectory(prefix="faceflow-") as tmp:
         src = Path(tmp) / f"source{suffix}"
         try:
-            _download(upload["bucket"], upload["key"], src)
+            size = _download(upload["bucket"], upload["key"], src)
+            decision = route_video(upload, src, size, existing)
+            if decision.target == "gpu":
+                return submit_to_gpu(job_id, name, input_uri, decision)
+            jobs.put(job_id, RUNNING, route=decision.rule_name, route_target=decision.target)
             split = chunks.split_video(src, Path(tmp) / "chunks", target_seconds=runtime.video.chunk_seconds)
         except BadInput as exc:
             jobs.put(job_id, FAILED, error=str(exc))
@@ -343,13 +368,90 @@ def split_upload(upload: dict) -> dict[str, Any]:
     return {"job_id": job_id, "status": RUNNING, "chunks": total}
 
 
-def _download(bucket: str, key: str, dst: Path) -> None:
-    """An input video (a whole upload or a stream chunk), size-checked before it is read."""
+def _download(bucket: str, key: str, dst: Path) -> int:
+    """An input video (a whole upload or a stream chunk), size-checked before it is read.
+    Returns its size in bytes."""
     limit = runtime.video.max_video_bytes
     length = runtime.s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
     if length > limit:
         raise BadInput(f"video too large: {length} bytes (limit {limit})")
     runtime.s3.download_file(bucket, key, str(dst))
+    return int(length)
+
+
+# --- whole videos: routing ----------------------------------------------------------------------
+
+GPU_STAGE = "gpu"
+PRIORITY_TAG = "faceflow-priority"
+# The API's sensitivity words (functions/api/app.py) → faceflow.routing's
+_API_SENSITIVITY = {"normal": "standard"}
+
+
+def object_tags(bucket: str, key: str) -> dict[str, str]:
+    """The object's tags; none when the function may not read them (AccessDenied) or the
+    object has none."""
+    try:
+        tagset = runtime.s3.get_object_tagging(Bucket=bucket, Key=key).get("TagSet") or []
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code not in ("AccessDenied", "AccessDeniedException", "NoSuchTagSet", "NotImplemented"):
+            raise
+        logger.warning("object tags not readable; routed without them", extra={"code": code})
+        return {}
+    return {str(t.get("Key", "")).strip().lower(): str(t.get("Value", "")) for t in tagset}
+
+
+def job_facts(upload: dict, src: Path, size: int, job: dict | None) -> dict[str, Any]:
+    """The facts faceflow.routing decides on. Sensitivity: `private` from either the object's
+    tag or the job record wins; an unknown tag value fails closed to private (routing's rule)."""
+    facts: dict[str, Any] = {"operation": "anonymize", "media": "video", "size_bytes": size}
+    try:
+        from faceflow.video import probe
+        info = probe(src)
+        facts.update(duration_s=max(0.0, float(info.duration or 0.0)) or None,
+                     width=int(info.width) or None, height=int(info.height) or None)
+    except Exception:  # noqa: BLE001 - an unreadable video is refused by the split, as before
+        logger.warning("video probe failed; routed without duration or size", exc_info=True)
+    tags = object_tags(upload["bucket"], upload["key"])
+    job = job or {}
+    candidates = [tags.get(routing.SENSITIVITY_TAG), job.get("sensitivity")]
+    candidates = [_API_SENSITIVITY.get(str(c).strip().lower(), c) for c in candidates if c not in (None, "")]
+    if candidates:
+        normalised = [routing.normalise_sensitivity(c)[0] for c in candidates]
+        facts["sensitivity"] = "private" if "private" in normalised else candidates[0]
+    for priority in (tags.get(PRIORITY_TAG), job.get("priority")):
+        if priority and str(priority).strip().lower() in routing.PRIORITIES:
+            facts["priority"] = str(priority).strip().lower()
+            break
+    return facts
+
+
+def route_video(upload: dict, src: Path, size: int, job: dict | None) -> routing.Decision:
+    facts = job_facts(upload, src, size, job)
+    try:
+        decision = routing.route(facts, gpu_available=gpu.enabled())
+    except routing.RoutingError as exc:  # a broken rule table must not send media anywhere new
+        logger.error("routing failed; the video stays on Lambda", extra={"reason": str(exc)})
+        metrics.add_metric(name="RoutingErrors", unit=MetricUnit.Count, value=1)
+        return routing.Decision("lambda", "routing-error", str(exc))
+    logger.info("video routed", extra={"rule": decision.rule_name, "target": decision.target})
+    metrics.add_metric(name="RoutedToGpu" if decision.target == "gpu" else "RoutedToLambda",
+                       unit=MetricUnit.Count, value=1)
+    return decision
+
+
+@tracer.capture_method
+def submit_to_gpu(job_id: str, name: str, input_uri: str, decision: routing.Decision) -> dict[str, Any]:
+    """Queue the whole video on the GPU endpoint; its answer comes back through
+    gpu_result_handler. Nothing is split."""
+    video_key, report_key = result_keys(job_id, output_name(name))
+    sub = gpu.submit(job_id, input_uri, _s3_uri(video_key), report_uri=_s3_uri(report_key),
+                     request_bucket=runtime.settings.output_bucket, s3=runtime.s3, runtime=runtime.sagemaker)
+    runtime.jobs.put(job_id, RUNNING, stage=GPU_STAGE, route=decision.rule_name, route_target=decision.target,
+                     **sub.job_fields())
+    metrics.add_metric(name="JobsSubmittedToGpu", unit=MetricUnit.Count, value=1)
+    logger.info("video submitted to the GPU endpoint", extra={"rule": decision.rule_name})
+    return {"job_id": job_id, "status": RUNNING, "target": "gpu", "route": decision.rule_name}
 
 
 def _dispatch(job_id: str, total: int) -> None:
@@ -579,3 +681,36 @@ def merge_handler(event: dict, context: LambdaContext) -> dict:
         metrics.add_metric(name="MergesSkipped", unit=MetricUnit.Count, value=1)
         return {"job_id": job_id, "status": status}
     return merge_job(job_id, load_plan(job_id), token)
+
+
+# --- GPU results -------------------------------------------------------------------------------
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)  # results name objects: not into traces
+@metrics.log_metrics
+def gpu_result_handler(event: dict, context: LambdaContext) -> dict:
+    """SNS event from the GPU endpoint's success or error topic: each SageMaker async
+    notification becomes its job's update (done with outputs, or failed with the error). A
+    record that is not such a notification is logged and dropped (a retry would not help); an
+    S3 or Redis error raises, and Lambda retries the event (updates are idempotent)."""
+    results = []
+    for record in event.get("Records") or []:
+        try:
+            update = gpu.update_from_notification(record, s3=runtime.s3)
+        except gpu.GpuError as exc:
+            logger.error("not a GPU endpoint notification; dropped", extra={"reason": str(exc)})
+            metrics.add_metric(name="EventsIgnored", unit=MetricUnit.Count, value=1)
+            results.append({"status": "ignored"})
+            continue
+        job_id, status = update.pop("job_id", None), update.pop("status")
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            logger.error("GPU notification without a job id of ours; dropped")
+            metrics.add_metric(name="EventsIgnored", unit=MetricUnit.Count, value=1)
+            results.append({"status": "ignored"})
+            continue
+        logger.append_keys(job_id=job_id)
+        runtime.jobs.put(job_id, status, **update)
+        metrics.add_metric(name="JobsDone" if status == DONE else "JobsFailed", unit=MetricUnit.Count, value=1)
+        logger.info("GPU result recorded", extra={"status": status})
+        results.append({"job_id": job_id, "status": status})
+    return {"results": results}
