@@ -745,9 +745,20 @@ def gpu_routing(tmp_path, monkeypatch, aws_env):
     monkeypatch.setenv("FACEFLOW_ROUTING_FILE", str(rules))
     monkeypatch.setenv("FACEFLOW_GPU_ENDPOINT", "ff-gpu-test")
     sqs = boto3.client("sqs", region_name=REGION)
-    sqs.purge_queue(QueueUrl=aws_env["FACEFLOW_CHUNK_QUEUE_URL"])
+    _drain(sqs, aws_env["FACEFLOW_CHUNK_QUEUE_URL"])
     yield sqs
-    sqs.purge_queue(QueueUrl=aws_env["FACEFLOW_CHUNK_QUEUE_URL"])
+    _drain(sqs, aws_env["FACEFLOW_CHUNK_QUEUE_URL"])
+
+
+def _drain(sqs, queue: str) -> None:
+    # Not purge_queue: SQS (and moto) refuse a second purge within 60 s.
+    while True:
+        messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                       VisibilityTimeout=0).get("Messages", [])
+        if not messages:
+            return
+        for m in messages:
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=m["ReceiptHandle"])
 
 
 def _queued(sqs, queue: str) -> list[dict]:
