@@ -745,12 +745,12 @@ def gpu_routing(tmp_path, monkeypatch, aws_env):
     monkeypatch.setenv("FACEFLOW_ROUTING_FILE", str(rules))
     monkeypatch.setenv("FACEFLOW_GPU_ENDPOINT", "ff-gpu-test")
     sqs = boto3.client("sqs", region_name=REGION)
-    _drain(sqs, aws_env["FACEFLOW_CHUNK_QUEUE_URL"])
+    _empty_queue(sqs, aws_env["FACEFLOW_CHUNK_QUEUE_URL"])
     yield sqs
-    _drain(sqs, aws_env["FACEFLOW_CHUNK_QUEUE_URL"])
+    _empty_queue(sqs, aws_env["FACEFLOW_CHUNK_QUEUE_URL"])
 
 
-def _drain(sqs, queue: str) -> None:
+def _empty_queue(sqs, queue: str) -> None:
     # Not purge_queue: SQS (and moto) refuse a second purge within 60 s.
     while True:
         messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0,
