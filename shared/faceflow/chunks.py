@@ -446,6 +446,13 @@ def _scan(path: Path, index: int) -> _Piece:
         container.close()
 
 
+def _shift(packet, ticks: int) -> None:
+    """Move a packet along its stream's clock by `ticks` (its time base)."""
+    if ticks:
+        packet.pts = None if packet.pts is None else packet.pts + ticks
+        packet.dts = None if packet.dts is None else packet.dts + ticks
+
+
 def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None = None,
                  info: dict | None = None) -> dict[str, Any]:
     """Join processed chunks into `dst` without re-encoding: their packets are copied one
@@ -520,9 +527,7 @@ def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None
                     for packet in c.demux(s):
                         if not packet.size:
                             continue
-                        if ticks:
-                            packet.pts = None if packet.pts is None else packet.pts + ticks
-                            packet.dts = None if packet.dts is None else packet.dts + ticks
+                        _shift(packet, ticks)
                         when = packet.dts if packet.dts is not None else packet.pts
                         yield float(when * packet.time_base), 0, packet
 
@@ -544,9 +549,7 @@ def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None
                     for packet in c.demux(s):
                         if not packet.size:
                             continue
-                        if move:
-                            packet.pts = None if packet.pts is None else packet.pts + move
-                            packet.dts = None if packet.dts is None else packet.dts + move
+                        _shift(packet, move)
                         when = packet.dts if packet.dts is not None else (packet.pts or 0)
                         at = when * packet.time_base
                         if last is not None and at <= last:
