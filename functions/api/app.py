@@ -37,6 +37,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field
 
+from faceflow import media
 from functions.common.aws import Adapters, make_tracer, result_keys
 from functions.common.jobs import DONE, QUEUED, new_job_id
 from functions.common.settings import UPLOAD_CONTENT_TYPES as PHOTO_CONTENT_TYPES
@@ -67,13 +68,11 @@ def engine():
 if os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") in ("provisioned-concurrency", "snap-start"):
     engine()
 
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+JOB_ID = media.JOB_ID
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,200}$"
-CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
-# Whole videos (functions/video/app.py's split function takes them from uploads/). Kept here,
-# beside settings.UPLOAD_CONTENT_TYPES (the photos'), which tests pin to the stills trigger.
-VIDEO_CONTENT_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime",
-                       ".mkv": "video/x-matroska", ".webm": "video/webm"}
+CONTENT_TYPES = {fmt: media_type for fmt, (_, media_type) in media.IMAGE_FORMATS.items()}
+# Whole videos (the split function takes them from uploads/).
+VIDEO_CONTENT_TYPES = media.VIDEO_MEDIA_TYPES
 UPLOAD_CONTENT_TYPES = {**PHOTO_CONTENT_TYPES, **VIDEO_CONTENT_TYPES}
 
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from faceflow import media
+
 UPLOAD_PREFIX = "uploads/"   # the input bucket's trigger prefix
 RESULT_PREFIX = "results/"   # where results go in the output bucket
-# The suffixes the input bucket's trigger fires for (template.yaml's S3 filters, either case)
-# and the Content-Type of each: faceflow.images.EXTENSION_FORMAT, without importing the engine
-# (the API checks names with it at cold start); tests check the three agree.
-UPLOAD_CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
-                        ".webp": "image/webp", ".gif": "image/gif"}
+# The suffixes the input bucket's stills trigger fires for (template.yaml's S3 filters, either
+# case) and the Content-Type of each; tests check the template agrees.
+UPLOAD_CONTENT_TYPES = {ext: media.image_media_type(fmt) for ext, fmt in media.IMAGE_EXTENSIONS.items()}
 
 
 @dataclass(frozen=True)

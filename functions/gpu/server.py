@@ -61,13 +61,13 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
+from faceflow import media
+
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "faceflow-gpu"))
 
 TENSORRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 OPERATIONS = ("anonymize", "analyze")
-VIDEO_OUTPUTS = {".mp4": "video/mp4", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
-                 ".m4v": "video/x-m4v"}
-IMAGE_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+VIDEO_OUTPUTS = {ext: media.VIDEO_MEDIA_TYPES[ext] for ext in media.VIDEO_OUTPUT_EXTENSIONS}
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(?P<key>.+)$")
 MAX_BODY_BYTES = 1024 * 1024  # the descriptor is a few hundred bytes; media never travels in it
@@ -348,7 +348,7 @@ class Worker:
     def _kind(local: Path) -> str:
         """"image" or "video": by extension, else by content."""
         from faceflow import images
-        from faceflow.engine import IMAGE_EXTENSIONS
+        from faceflow.media import IMAGE_EXTENSIONS
         suffix = local.suffix.lower()
         if suffix in _video_suffixes():
             return "video"
@@ -387,7 +387,7 @@ class Worker:
                 frames = len(per_frame) if per_frame else 1
                 faces = sum(len(f["faces"]) for f in per_frame) if per_frame else len(report["faces"])
                 output = job.output
-                self._put(output, result.data, IMAGE_TYPES.get(result.format, "application/octet-stream"))
+                self._put(output, result.data, media.image_media_type(result.format))
                 report["output"] = _uri(output)
         except images.BadInput as exc:
             raise JobError(422, f"input {job.input_uri}: {exc}", "bad_input") from None
@@ -449,8 +449,7 @@ class Worker:
 
 
 def _video_suffixes() -> set[str]:
-    from faceflow.engine import VIDEO_EXTENSIONS
-    return VIDEO_EXTENSIONS
+    return media.VIDEO_EXTENSIONS
 
 
 def _s3_error(exc: Exception, verb: str, location: tuple[str, str]) -> Exception:

@@ -16,6 +16,7 @@ from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
 from aws_lambda_powertools.utilities.idempotency import idempotent_function
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from faceflow import media
 from faceflow.engine import Engine
 from faceflow.images import BadInput
 from functions.common.aws import Adapters, job_for_key, make_tracer, object_identity, result_keys
@@ -28,7 +29,6 @@ metrics = Metrics(namespace="faceflow", service="faceflow-stills")
 adapters = Adapters()
 engine = Engine()  # models load once per execution environment, at init
 
-CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
 @idempotent_function(data_keyword_argument="upload", config=adapters.idempotency_config,
@@ -51,7 +51,7 @@ def process_upload(upload: dict, size: int | None) -> dict:
     report = {"job_id": job_id, **result.report, "source": name}
     s3 = adapters.s3
     s3.put_object(Bucket=settings.output_bucket, Key=image_key, Body=result.data,
-                  ContentType=CONTENT_TYPES[result.format])
+                  ContentType=media.image_media_type(result.format))
     s3.put_object(Bucket=settings.output_bucket, Key=sidecar_key, Body=json.dumps(report).encode(),
                   ContentType="application/json")
     ms = round((time.perf_counter() - start) * 1000, 1)

@@ -67,7 +67,7 @@ from faceflow.engine import Engine
 from faceflow.images import BadInput
 from botocore.exceptions import ClientError
 
-from faceflow import routing
+from faceflow import media, routing
 from functions.common import gpu
 from functions.common.aws import Adapters, job_for_key, make_tracer, object_identity, result_keys
 from functions.common.jobs import DONE, FAILED, RUNNING
@@ -86,8 +86,7 @@ SESSION_PREFIX = "sessions/"   # input bucket: stream chunks in; output bucket: 
 WORK_PREFIX = "work/"          # output bucket: a whole video's chunks, audio, plan, processed chunks
 SESSION_KEY = re.compile(r"^sessions/(?P<sid>[A-Za-z0-9][A-Za-z0-9._-]{0,127})/"
                          r"(?P<seq>0|[1-9][0-9]{0,8})(?P<ext>\.mp4|\.ts)$")
-VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".ts": "video/mp2t",
-               ".mkv": "video/x-matroska", ".webm": "video/webm"}
+VIDEO_TYPES = media.VIDEO_MEDIA_TYPES
 
 
 class ChunkNotReady(RuntimeError):
@@ -485,7 +484,7 @@ def split_handler(event: dict, context: LambdaContext) -> dict:
 
 # --- whole videos: chunks ---------------------------------------------------------------------
 
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+JOB_ID = media.JOB_ID
 
 
 def load_plan(job_id: str) -> dict[str, Any]:
@@ -591,7 +590,7 @@ def _run_job_chunk(job_id: str, index: int, plan: dict) -> None:
 def output_name(name: str) -> str:
     """The result keeps the upload's name where its container holds H.264 as it is."""
     path = Path(name)
-    return name if path.suffix.lower() in (".mp4", ".mov", ".m4v", ".mkv") else path.stem + ".mp4"
+    return name if path.suffix.lower() in media.VIDEO_OUTPUT_EXTENSIONS else path.stem + ".mp4"
 
 
 @tracer.capture_method

@@ -9,11 +9,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from .engine import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from .media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .images import BadInput, atomic_write
 
 SUMMARY_FIELDS = ["file", "status", "faces", "ms", "output", "error"]
-MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+MEDIA_EXTENSIONS = set(IMAGE_EXTENSIONS) | VIDEO_EXTENSIONS
 
 
 def expand_inputs(paths: list[Path]) -> list[Path]:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import images
+from . import images, media
 from .anonymize import MaskOptions, apply_masks
 from .detectors import DEFAULT_DETECTOR, Detector, load_detector
 from .face import Face, iou
@@ -26,8 +26,7 @@ from .face import Face, iou
 # below it to leave room for what re-encoding changes.
 VERIFY_THRESHOLD = 0.2
 
-VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mts"}
-IMAGE_EXTENSIONS = set(images.EXTENSION_FORMAT)
+VIDEO_EXTENSIONS = media.VIDEO_EXTENSIONS
 
 
 class Operation(Protocol):

@@ -16,10 +16,12 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
+from . import media
+
 MAX_PIXELS = int(os.environ.get("FACEFLOW_MAX_PIXELS", 100_000_000))
 MAX_BYTES = int(os.environ.get("FACEFLOW_MAX_IMAGE_BYTES", 200 * 1024 * 1024))
-FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
-EXTENSION_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF"}
+FORMATS = {fmt: ext for fmt, (ext, _) in media.IMAGE_FORMATS.items()}
+EXTENSION_FORMAT = media.IMAGE_EXTENSIONS
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own guard, in case a caller opens lazily
 
 

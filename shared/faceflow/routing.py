@@ -49,6 +49,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from . import media
+
 TARGETS = ("lambda", "gpu")
 OPERATIONS = ("anonymize", "analyze", "swap")
 MEDIA = ("image", "video")
@@ -128,11 +130,7 @@ class JobFacts:
         return getattr(self, name)
 
 
-def media_for(name: str) -> str | None:
-    """"image" or "video" from a file name's extension (None when it says neither)."""
-    from .engine import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
-    suffix = Path(name).suffix.lower()
-    return "image" if suffix in IMAGE_EXTENSIONS else "video" if suffix in VIDEO_EXTENSIONS else None
+media_for = media.kind_of
 
 
 def sensitivity_from_tags(tags: Iterable[Mapping[str, str]] | Mapping[str, str] | None) -> str | None:
