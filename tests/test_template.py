@@ -242,10 +242,36 @@ def test_environment_follows_settings(template):
         assert env["POWERTOOLS_METRICS_NAMESPACE"] == "faceflow"
         assert sub_string(env["FACEFLOW_INPUT_BUCKET"]) == bucket_name(template, "InputBucket")
         assert sub_string(env["FACEFLOW_OUTPUT_BUCKET"]) == bucket_name(template, "OutputBucket")
-        condition, tls, plain = env["FACEFLOW_REDIS_URL"]["Fn::If"]
+        create, created, given = env["FACEFLOW_REDIS_URL"]["Fn::If"]
+        assert create == "CreateCache"
+        assert sub_string(created).startswith("rediss://${Cache.Endpoint.Address}:${Cache.Endpoint.Port}")
+        condition, tls, plain = given["Fn::If"]
         assert sub_string(tls).startswith("rediss://${RedisEndpoint}:${RedisPort}")
         assert sub_string(plain).startswith("redis://${RedisEndpoint}:${RedisPort}")
         assert template["Conditions"][condition] == {"Fn::Equals": [{"Ref": "RedisTls"}, "true"]}
+
+
+def test_an_empty_redis_endpoint_creates_a_serverless_cache(template):
+    assert template["Parameters"]["RedisEndpoint"]["Default"] == ""
+    assert template["Conditions"]["CreateCache"] == {"Fn::Equals": [{"Ref": "RedisEndpoint"}, ""]}
+    cache = template["Resources"]["Cache"]
+    assert cache["Type"] == "AWS::ElastiCache::ServerlessCache" and cache["Condition"] == "CreateCache"
+    assert cache["Properties"]["SubnetIds"] == {"Ref": "SubnetIds"}
+    assert cache["Properties"]["SecurityGroupIds"] == {"Ref": "SecurityGroupIds"}
+    ingress = template["Resources"]["CacheIngress"]
+    assert ingress["Condition"] == "CreateCache"
+    assert (ingress["Properties"]["FromPort"], ingress["Properties"]["ToPort"]) == (6379, 6380)
+
+
+@pytest.mark.parametrize("redis_endpoint", ["", "cache.example.internal"], ids=["created", "existing"])
+def test_cfn_lint_passes_with_and_without_a_redis_endpoint(redis_endpoint):
+    exe = shutil.which("cfn-lint")
+    if exe is None:
+        pytest.skip("cfn-lint is not installed (pip install cfn-lint)")
+    proc = subprocess.run([exe, str(TEMPLATE), "--parameters", f"RedisEndpoint={redis_endpoint}",
+                           "SubnetIds=subnet-0123abcd,subnet-0456abcd", "SecurityGroupIds=sg-0123abcd"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, f"cfn-lint exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
 
 
 def test_provisioned_concurrency_is_conditional(template):
