@@ -142,10 +142,10 @@ def video_facts(size_bytes: int, info: Any = None, tags: Mapping[str, str] | Non
     and height, as faceflow.video.probe gives them; None when it could not be read), and
     sensitivity and priority from the object's tags (keys lowercased) or its job record.
 
-    Sensitivity: `private` from either the tag or the job record wins, else the first one
-    given; the API's words are routing's (API_SENSITIVITY); a value that is none of
-    SENSITIVITIES stays as it is, for route() to fail closed to private. Priority: the first
-    of the tag and the record that is one of PRIORITIES (another value is ignored)."""
+    Sensitivity: `private` from either the tag or the job record wins (a value that is none
+    of SENSITIVITIES counts as private: normalise_sensitivity), else the first one given; the
+    API's words are routing's (API_SENSITIVITY). Priority: the first of the tag and the record
+    that is one of PRIORITIES (another value is ignored)."""
     facts: dict[str, Any] = {"operation": "anonymize", "media": "video", "size_bytes": size_bytes}
     if info is not None:
         facts.update(duration_s=max(0.0, float(info.duration or 0.0)) or None,
