@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 
 from .aws import result_keys
+from .sessions import SESSION_ID
 from .settings import RESULT_PREFIX, UPLOAD_PREFIX
 
 __all__ = ["RESULT_PREFIX", "UPLOAD_PREFIX", "SESSION_PREFIX", "WORK_PREFIX", "SESSION_KEY",
@@ -35,9 +36,9 @@ __all__ = ["RESULT_PREFIX", "UPLOAD_PREFIX", "SESSION_PREFIX", "WORK_PREFIX", "S
 
 SESSION_PREFIX = "sessions/"   # input bucket: stream chunks in; output bucket: results out
 WORK_PREFIX = "work/"          # output bucket: a whole video's chunks, audio, plan, processed chunks
-# A session chunk's key: the session id as functions.common.sessions.SESSION_ID, seq without
+# A session chunk's key: a session id (functions.common.sessions.SESSION_ID), seq without
 # leading zeros (one key per chunk), and a container a stream is cut into.
-SESSION_KEY = re.compile(r"^sessions/(?P<sid>[A-Za-z0-9][A-Za-z0-9._-]{0,127})/"
+SESSION_KEY = re.compile(rf"^{SESSION_PREFIX}(?P<sid>{SESSION_ID.pattern.strip('^$')})/"
                          r"(?P<seq>0|[1-9][0-9]{0,8})(?P<ext>\.mp4|\.ts)$")
 
 
