@@ -41,12 +41,12 @@ ALLOWED_MANAGED_POLICIES = {
 # SAM adds this one to functions with an SQS event (receive/delete/attributes, on any queue);
 # allowed only on those, which also grant the same actions on their own queue explicitly.
 SQS_EXECUTION_POLICY = "arn:aws:iam::aws:policy/service-role/AWSLambdaSQSQueueExecutionRole"
-VIDEO_HANDLERS = {"SplitFunction": "functions.video.app.split_handler",
-                  "ChunkWorkerFunction": "functions.video.app.chunk_worker_handler",
-                  "SessionChunkFunction": "functions.video.app.session_chunk_handler",
-                  "GpuResultFunction": "functions.video.app.gpu_result_handler"}
+VIDEO_HANDLERS = {"SplitFunction": "functions.video.split.split_handler",
+                  "ChunkWorkerFunction": "functions.video.chunk_worker.chunk_worker_handler",
+                  "SessionChunkFunction": "functions.video.session_chunk.session_chunk_handler",
+                  "GpuResultFunction": "functions.video.gpu_result.gpu_result_handler"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v", ".webm", ".avi", ".ts", ".mts"}
-WORK_PREFIX, SESSION_PREFIX = "work/", "sessions/"  # functions/video/app.py
+WORK_PREFIX, SESSION_PREFIX = "work/", "sessions/"  # functions/common/layout.py
 
 # Installed size of the image's dependencies (requirements-function.txt, boto3/botocore
 # included since the image installs them, numpy's tests removed as the Dockerfile does).
@@ -597,7 +597,7 @@ def test_video_function_policies_are_least_privilege(template):
 
 
 def test_video_prefixes_expire(template):
-    source = (ROOT / "functions" / "video" / "app.py").read_text()  # importing it needs settings
+    source = (ROOT / "functions" / "common" / "layout.py").read_text()
     assert f'WORK_PREFIX = "{WORK_PREFIX}"' in source and f'SESSION_PREFIX = "{SESSION_PREFIX}"' in source
     res = template["Resources"]
 

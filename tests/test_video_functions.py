@@ -40,6 +40,10 @@ if MOTO_SERVER is None:
 
 REGION = "us-east-1"
 INPUT_BUCKET, OUTPUT_BUCKET = "ff-video-input", "ff-video-output"
+# The video functions' modules, in import order (the runtime first, the handlers last).
+VIDEO_MODULES = ("functions.common.videoruntime", "functions.common.videojobs", "functions.common.splitting",
+                 "functions.common.streams", "functions.video.split", "functions.video.chunk_worker",
+                 "functions.video.session_chunk", "functions.video.merge", "functions.video.gpu_result")
 CLIP = ("video", "pyfeat_WolfgangLanger_Pexels.mp4")
 
 
@@ -320,12 +324,14 @@ def aws_env(moto_url, redis_server):
 
 @pytest.fixture(scope="module")
 def app(aws_env, model_dir):
-    """functions.video.app imported as Lambda would: module-level adapters, engine at init."""
+    """The video functions' modules imported as Lambda would (module-level adapters, engine at
+    init), as one namespace."""
     import importlib
+    import types
     pytest.importorskip("faceflow.chunks", reason="faceflow.chunks (split/process/merge) not available")
-    if "functions.video.app" in sys.modules:
-        return importlib.reload(sys.modules["functions.video.app"])
-    return importlib.import_module("functions.video.app")
+    modules = [importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+               for name in VIDEO_MODULES]
+    return types.SimpleNamespace(**{k: v for m in modules for k, v in vars(m).items() if not k.startswith("_")})
 
 
 @pytest.fixture(scope="module")
@@ -651,7 +657,7 @@ def test_stream_session_survives_redis_restart(app, s3, clip_split, ordered_sess
 
 KILLED_WORKER = textwrap.dedent('''
     import json, os, sys, time
-    from functions.video import app
+    from functions.video import session_chunk as app
 
     class Context:
         function_name, function_version, memory_limit_in_mb = "faceflow-video", "$LATEST", 3008

@@ -301,7 +301,7 @@ class Worker:
             start = time.perf_counter()
             local = self._download(job, Path(tmp))
             kind = self._kind(local)
-            if kind == "video" and local.suffix.lower() not in _video_suffixes():
+            if kind == "video" and local.suffix.lower() not in media.VIDEO_EXTENSIONS:
                 local = local.rename(local.with_suffix(".mp4"))  # the engine picks video by suffix
             if kind == "video":
                 result = self._video(job, local, Path(tmp))
@@ -348,11 +348,10 @@ class Worker:
     def _kind(local: Path) -> str:
         """"image" or "video": by extension, else by content."""
         from faceflow import images
-        from faceflow.media import IMAGE_EXTENSIONS
         suffix = local.suffix.lower()
-        if suffix in _video_suffixes():
+        if suffix in media.VIDEO_EXTENSIONS:
             return "video"
-        if suffix in IMAGE_EXTENSIONS:
+        if suffix in media.IMAGE_EXTENSIONS:
             return "image"
         with open(local, "rb") as f:
             head = f.read(1 << 16)
@@ -396,35 +395,35 @@ class Worker:
         return self._result(job, "image", output, faces, frames)
 
     def _video(self, job: Job, local: Path, tmp: Path) -> dict[str, Any]:
-        from faceflow.engine import Mask
+        """The core's video entry points (faceflow.video.anonymize_video / analyze_video),
+        batched; the report then names the S3 objects, not the staged files."""
         from faceflow.images import BadInput
-        from faceflow.video import FrameReport, VideoOptions, process_video
+        from faceflow.video import VideoOptions, analyze_video, anonymize_video
         batch = job.options.get("batch", self.config.batch)
         options = VideoOptions(batch=batch, max_missing_s=job.options.get("hold", VideoOptions.max_missing_s),
                                keep_audio=job.options.get("keep_audio", True))
-        dst = operation = None
-        if job.operation == "anonymize":
-            suffix = Path(job.output[1]).suffix.lower()
-            if suffix not in VIDEO_OUTPUTS:
-                raise JobError(400, f"output for a video must end in {', '.join(VIDEO_OUTPUTS)}, not "
-                                    f"{suffix or 'no extension'}")
-            dst = tmp / ("output" + suffix)
-            verify = job.options.get("verify", False)
-            operation = Mask(_mask_options(job.options), self.engine.detector if verify else None)
-        report_path = tmp / "report.json"
-        writer = FrameReport(report_path, job.input_uri)
-        summary = None
+        dst = None
         try:
-            summary, _ = process_video(self.engine, local, dst, operation, options, on_frame=writer)
-            summary.update(job_id=job.job_id, operation=job.operation, source=job.input_uri,
-                           output=_uri(job.output), batch=batch, providers=self.providers)
+            if job.operation == "anonymize":
+                suffix = Path(job.output[1]).suffix.lower()
+                if suffix not in VIDEO_OUTPUTS:
+                    raise JobError(400, f"output for a video must end in {', '.join(VIDEO_OUTPUTS)}, not "
+                                        f"{suffix or 'no extension'}")
+                dst, report_path = tmp / ("output" + suffix), tmp / "report.json"
+                anonymize_video(self.engine, local, dst, _mask_options(job.options), report=report_path,
+                                options=options, verify=job.options.get("verify", False))
+                report = json.loads(report_path.read_text())
+            else:
+                report = analyze_video(self.engine, local, options)
         except BadInput as exc:
             raise JobError(422, f"input {job.input_uri}: {exc}", "bad_input") from None
-        finally:
-            writer.close(summary)
+        summary = report["summary"]
+        summary.update(job_id=job.job_id, operation=job.operation, source=job.input_uri,
+                       output=_uri(job.output), batch=batch, providers=self.providers)
+        report["source"] = job.input_uri
         if dst is not None:
             self._upload(job.output, dst, VIDEO_OUTPUTS[dst.suffix])
-        self._upload(job.report, report_path, "application/json")  # last: the job is complete
+        self._put(job.report, json.dumps(report).encode(), "application/json")  # last: the job is complete
         return self._result(job, "video", job.output, summary["faces"], summary["frames"])
 
     def _result(self, job: Job, media: str, output, faces: int, frames: int) -> dict[str, Any]:
@@ -446,10 +445,6 @@ class Worker:
             self.s3.upload_file(str(path), location[0], location[1], ExtraArgs={"ContentType": content_type})
         except Exception as exc:  # noqa: BLE001
             raise _s3_error(exc, "write", location) from None
-
-
-def _video_suffixes() -> set[str]:
-    return media.VIDEO_EXTENSIONS
 
 
 def _s3_error(exc: Exception, verb: str, location: tuple[str, str]) -> Exception:

@@ -57,6 +57,9 @@ MEDIA = ("image", "video")
 SENSITIVITIES = ("public", "standard", "private")
 PRIORITIES = ("low", "normal", "high")
 SENSITIVITY_TAG = "faceflow-sensitivity"   # S3 object tag key (value: one of SENSITIVITIES)
+PRIORITY_TAG = "faceflow-priority"         # S3 object tag key (value: one of PRIORITIES)
+# The HTTP API's sensitivity words that differ from routing's ("normal" is "standard").
+API_SENSITIVITY = {"normal": "standard"}
 
 CHOICE_CONDITIONS = {"operation": OPERATIONS, "media": MEDIA, "sensitivity": SENSITIVITIES,
                      "priority": PRIORITIES}
@@ -131,6 +134,33 @@ class JobFacts:
 
 
 media_for = media.kind_of
+
+
+def video_facts(size_bytes: int, info: Any = None, tags: Mapping[str, str] | None = None,
+                job: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The facts an uploaded video is routed on: its size, its probe (`info`: duration, width
+    and height, as faceflow.video.probe gives them; None when it could not be read), and
+    sensitivity and priority from the object's tags (keys lowercased) or its job record.
+
+    Sensitivity: `private` from either the tag or the job record wins (a value that is none
+    of SENSITIVITIES counts as private: normalise_sensitivity), else the first one given; the
+    API's words are routing's (API_SENSITIVITY). Priority: the first of the tag and the record
+    that is one of PRIORITIES (another value is ignored)."""
+    facts: dict[str, Any] = {"operation": "anonymize", "media": "video", "size_bytes": size_bytes}
+    if info is not None:
+        facts.update(duration_s=max(0.0, float(info.duration or 0.0)) or None,
+                     width=int(info.width) or None, height=int(info.height) or None)
+    tags, job = tags or {}, job or {}
+    given = [v for v in (tags.get(SENSITIVITY_TAG), job.get("sensitivity")) if v not in (None, "")]
+    given = [API_SENSITIVITY.get(str(v).strip().lower(), v) for v in given]
+    if given:
+        said = [normalise_sensitivity(v)[0] for v in given]
+        facts["sensitivity"] = "private" if "private" in said else given[0]
+    for priority in (tags.get(PRIORITY_TAG), job.get("priority")):
+        if priority and str(priority).strip().lower() in PRIORITIES:
+            facts["priority"] = str(priority).strip().lower()
+            break
+    return facts
 
 
 def sensitivity_from_tags(tags: Iterable[Mapping[str, str]] | Mapping[str, str] | None) -> str | None:

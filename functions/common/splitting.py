@@ -1,0 +1,168 @@
+"""A whole video uploaded under `uploads/`: routed, then cut into chunks or sent to the GPU.
+
+Routing (faceflow.routing, layers/routing.json or FACEFLOW_ROUTING_FILE) decides from the
+video's facts: duration and frame size from a probe, the object's size, and sensitivity /
+priority from the object's tags or the job record. A "gpu" decision (only when
+FACEFLOW_GPU_ENDPOINT is set) submits the job to the SageMaker async endpoint
+(functions.common.gpu) with its output at `results/{job_id}/{name}`, records stage `gpu` and
+the rule (`route`), and splits nothing; its answer comes back through the GPU result function.
+
+Otherwise the video is cut on keyframes into chunks of about FACEFLOW_CHUNK_SECONDS (no
+re-encode), stored with the audio and the plan under `work/{job_id}/` in the output bucket,
+the chunk count recorded, and one SQS message `{"job_id", "index"}` per chunk sent to
+FACEFLOW_CHUNK_QUEUE_URL for the chunk workers (functions.common.videojobs).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from botocore.exceptions import ClientError
+
+from faceflow import chunks, routing
+from faceflow.images import BadInput
+
+from . import gpu
+from .aws import job_for_key, make_tracer
+from .jobs import DONE, FAILED, RUNNING
+from .layout import audio_key, chunk_key, result_keys, s3_uri, work_keys
+from .videojobs import output_name
+from .videoruntime import runtime
+
+logger = Logger(service="faceflow-video", child=True)
+tracer = make_tracer("faceflow-video")
+metrics = Metrics(namespace="faceflow")
+
+GPU_STAGE = "gpu"          # the job record's stage while the GPU endpoint has the job
+SQS_BATCH = 10             # SendMessageBatch takes at most ten messages
+# Object tag errors that mean "no tags to route on" rather than a fault.
+_NO_TAGS = ("AccessDenied", "AccessDeniedException", "NoSuchTagSet", "NotImplemented")
+
+
+@tracer.capture_method
+def split_upload(upload: dict) -> dict[str, Any]:
+    """One upload ({"bucket", "key", "version"}, functions.common.aws.object_identity)."""
+    job_id, name = job_for_key(upload["bucket"], upload["key"], upload["version"])
+    logger.append_keys(job_id=job_id)
+    jobs = runtime.jobs
+    existing = jobs.get(job_id)
+    if (existing and existing["status"] == DONE) or runtime.video_jobs.merged(job_id):
+        logger.info("video already done; repeat event ignored")
+        metrics.add_metric(name="JobsDuplicate", unit=MetricUnit.Count, value=1)
+        return {"job_id": job_id, "status": DONE}
+    if existing and existing["status"] == RUNNING and existing.get("stage") == GPU_STAGE:
+        logger.info("video already submitted to the GPU endpoint; repeat event ignored")
+        metrics.add_metric(name="JobsDuplicate", unit=MetricUnit.Count, value=1)
+        return {"job_id": job_id, "status": RUNNING, "target": "gpu"}
+    if not runtime.video.chunk_queue_url:
+        raise RuntimeError("missing configuration: FACEFLOW_CHUNK_QUEUE_URL")
+    input_uri = s3_uri(upload["bucket"], upload["key"])
+    jobs.put(job_id, RUNNING, input=input_uri, stage="split")
+    start = time.perf_counter()
+    keys = work_keys(job_id)
+    with tempfile.TemporaryDirectory(prefix="faceflow-") as tmp:
+        src = Path(tmp) / f"source{Path(name).suffix.lower() or '.mp4'}"
+        try:
+            size = runtime.download(upload["bucket"], upload["key"], src)
+            decision = route_video(upload, src, size, existing)
+            if decision.target == "gpu":
+                return submit_to_gpu(job_id, name, input_uri, decision)
+            jobs.put(job_id, RUNNING, route=decision.rule_name, route_target=decision.target)
+            split = chunks.split_video(src, Path(tmp) / "chunks", target_seconds=runtime.video.chunk_seconds)
+        except BadInput as exc:
+            jobs.put(job_id, FAILED, error=str(exc))
+            metrics.add_metric(name="JobsFailed", unit=MetricUnit.Count, value=1)
+            logger.warning("video refused", extra={"reason": str(exc)})
+            return {"job_id": job_id, "status": FAILED, "error": str(exc)}
+        plan_chunks = []
+        for chunk in split.chunks:
+            path = Path(chunk.path)
+            key = chunk_key(job_id, chunk.index, path.suffix)
+            runtime.upload(path, key)
+            plan_chunks.append({**chunk.to_dict(), "path": None, "key": key})
+        audio = None
+        if split.audio:
+            audio = audio_key(job_id, Path(split.audio).suffix)
+            runtime.upload(Path(split.audio), audio, "application/octet-stream")
+    plan = {"job_id": job_id, "name": name, "source": input_uri, "chunks": plan_chunks, "audio": audio,
+            "info": split.info}
+    runtime.put_json(keys["plan"], plan)
+    total = len(plan_chunks)
+    runtime.video_jobs.plan(job_id, total, runtime.output_uri(keys["plan"]))
+    jobs.put(job_id, RUNNING, stage="chunks")
+    dispatch(job_id, total)
+    ms = round((time.perf_counter() - start) * 1000, 1)
+    metrics.add_metric(name="VideoChunks", unit=MetricUnit.Count, value=total)
+    logger.info("video split", extra={"chunks": total, "ms": ms})
+    return {"job_id": job_id, "status": RUNNING, "chunks": total}
+
+
+def dispatch(job_id: str, total: int) -> None:
+    """One chunk message per chunk, to the chunk workers' queue."""
+    url = runtime.video.chunk_queue_url
+    for first in range(0, total, SQS_BATCH):
+        entries = [{"Id": str(i), "MessageBody": json.dumps({"job_id": job_id, "index": i})}
+                   for i in range(first, min(first + SQS_BATCH, total))]
+        reply = runtime.sqs.send_message_batch(QueueUrl=url, Entries=entries)
+        if reply.get("Failed"):
+            raise RuntimeError(f"{len(reply['Failed'])} chunk messages were not queued")
+
+
+# --- routing --------------------------------------------------------------------------------------
+
+def object_tags(bucket: str, key: str) -> dict[str, str]:
+    """The object's tags (keys lowercased); none when the function may not read them
+    (AccessDenied) or the object has none."""
+    try:
+        tagset = runtime.s3.get_object_tagging(Bucket=bucket, Key=key).get("TagSet") or []
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code not in _NO_TAGS:
+            raise
+        logger.warning("object tags not readable; routed without them", extra={"code": code})
+        return {}
+    return {str(t.get("Key", "")).strip().lower(): str(t.get("Value", "")) for t in tagset}
+
+
+def job_facts(upload: dict, src: Path, size: int, job: dict | None) -> dict[str, Any]:
+    """The facts faceflow.routing decides on (routing.video_facts), from a probe of the
+    downloaded video, its size, the object's tags and the job record."""
+    info = None
+    try:
+        from faceflow.video import probe
+        info = probe(src)
+    except Exception:  # noqa: BLE001 - an unreadable video is refused by the split, as before
+        logger.warning("video probe failed; routed without duration or size", exc_info=True)
+    return routing.video_facts(size, info, object_tags(upload["bucket"], upload["key"]), job)
+
+
+def route_video(upload: dict, src: Path, size: int, job: dict | None) -> routing.Decision:
+    facts = job_facts(upload, src, size, job)
+    try:
+        decision = routing.route(facts, gpu_available=gpu.enabled())
+    except routing.RoutingError as exc:  # a broken rule table must not send media anywhere new
+        logger.error("routing failed; the video stays on Lambda", extra={"reason": str(exc)})
+        metrics.add_metric(name="RoutingErrors", unit=MetricUnit.Count, value=1)
+        return routing.Decision("lambda", "routing-error", str(exc))
+    logger.info("video routed", extra={"rule": decision.rule_name, "target": decision.target})
+    metrics.add_metric(name="RoutedToGpu" if decision.target == "gpu" else "RoutedToLambda",
+                       unit=MetricUnit.Count, value=1)
+    return decision
+
+
+@tracer.capture_method
+def submit_to_gpu(job_id: str, name: str, input_uri: str, decision: routing.Decision) -> dict[str, Any]:
+    """Queue the whole video on the GPU endpoint. Nothing is split."""
+    video_key, report_key = result_keys(job_id, output_name(name))
+    sub = gpu.submit(job_id, input_uri, runtime.output_uri(video_key), report_uri=runtime.output_uri(report_key),
+                     request_bucket=runtime.settings.output_bucket, s3=runtime.s3, runtime=runtime.sagemaker)
+    runtime.jobs.put(job_id, RUNNING, stage=GPU_STAGE, route=decision.rule_name, route_target=decision.target,
+                     **sub.job_fields())
+    metrics.add_metric(name="JobsSubmittedToGpu", unit=MetricUnit.Count, value=1)
+    logger.info("video submitted to the GPU endpoint", extra={"rule": decision.rule_name})
+    return {"job_id": job_id, "status": RUNNING, "target": "gpu", "route": decision.rule_name}

@@ -1,0 +1,41 @@
+"""A whole video uploaded under `uploads/` in the input bucket (events/video_upload.json): routed
+to the GPU endpoint, or cut into chunks for the chunk workers (functions.common.splitting). The
+job id comes from the key, as for photos.
+"""
+from __future__ import annotations
+
+from urllib.parse import unquote_plus
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from functions.common.aws import make_tracer, object_identity
+from functions.common.layout import UPLOAD_PREFIX
+from functions.common.splitting import split_upload
+from functions.common.videoruntime import runtime
+
+logger = Logger(service="faceflow-video")
+tracer = make_tracer("faceflow-video")
+metrics = Metrics(namespace="faceflow")
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)  # results name objects: not into traces
+@metrics.log_metrics(capture_cold_start_metric=True)
+@event_source(data_class=S3Event)
+def split_handler(event: S3Event, context: LambdaContext) -> dict:
+    results = []
+    for record in event.records:
+        # S3's request id of the upload ties these lines to S3's own logs and CloudTrail
+        logger.set_correlation_id((record.get("responseElements") or {}).get("x-amz-request-id"))
+        obj = record.s3.get_object
+        if record.s3.bucket.name != runtime.settings.input_bucket or \
+                not unquote_plus(obj["key"]).startswith(UPLOAD_PREFIX):
+            logger.error("event from outside the input bucket's uploads; ignored")
+            metrics.add_metric(name="EventsIgnored", unit=MetricUnit.Count, value=1)
+            results.append({"status": "ignored"})
+            continue
+        results.append(split_upload(object_identity(record.s3.bucket.name, obj["key"], obj.version_id, obj.etag)))
+    return {"results": results}
