@@ -7,6 +7,7 @@ Skips with the reason when redis-server, moto_server or awslambdaric is missing.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -271,3 +272,22 @@ def test_an_aborted_upload_fails_the_job(stack):
 def test_a_declared_size_over_the_limits_is_a_413(stack):
     status, _, body = stack.request("POST", "/v1/jobs", body={"filename": "huge.mp4", "size": 10_001 * PART})
     assert_error(status, body, 413)
+
+
+# -- found by schemathesis ---------------------------------------------------------------------
+
+def test_a_one_frame_gif_is_anonymised(stack):
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 120, 80)).save(buffer, "GIF")
+    status, headers, body = stack.request("POST", "/v1/anonymize", body=buffer.getvalue(),
+                                          headers={"Content-Type": "image/gif"})
+    assert status == 200, body
+    assert headers["content-type"] == "image/gif" and headers["x-faceflow-faces"] == "0"
+    assert Image.open(io.BytesIO(body)).size == (64, 48)
+
+
+def test_a_method_no_route_has_is_a_404_not_a_501(stack):
+    status, _, body = stack.request("TRACE", "/v1/jobs")
+    assert status == 404, body
+    assert json.loads(body) == {"message": "Not Found"}  # API Gateway's own answer
