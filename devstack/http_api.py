@@ -341,8 +341,14 @@ class _Handler(BaseHTTPRequestHandler):
                                                        self.client_address[0])
         self._reply(status, headers, data, request_id=request_id)
 
-    # every method API Gateway takes (a method no route has is its 404, never http.server's 501)
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = _handle  # noqa: N815
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle  # noqa: N815
+
+    def __getattr__(self, name: str) -> Any:
+        # any other method (TRACE, QUERY, ...) goes to the routes too: API Gateway answers a
+        # method no route has with its 404, never with http.server's 501
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
 
 
 class HttpApi:

@@ -276,6 +276,13 @@ def test_a_declared_size_over_the_limits_is_a_413(stack):
 
 # -- found by schemathesis ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("content_type", ["multipart/form-data", "multipart/form-data; boundary=x"])
+def test_an_unreadable_form_body_is_a_400(stack, content_type):
+    status, _, body = stack.request("POST", "/v1/jobs", body=b'{"filename": "a.jpg"}',
+                                    headers={"Content-Type": content_type})
+    assert_error(status, body, 400)
+
+
 def test_a_one_frame_gif_is_anonymised(stack):
     from PIL import Image
     buffer = io.BytesIO()
@@ -287,7 +294,8 @@ def test_a_one_frame_gif_is_anonymised(stack):
     assert Image.open(io.BytesIO(body)).size == (64, 48)
 
 
-def test_a_method_no_route_has_is_a_404_not_a_501(stack):
-    status, _, body = stack.request("TRACE", "/v1/jobs")
+@pytest.mark.parametrize("method", ["TRACE", "QUERY"])
+def test_a_method_no_route_has_is_a_404_not_a_501(stack, method):
+    status, _, body = stack.request(method, "/v1/jobs")
     assert status == 404, body
     assert json.loads(body) == {"message": "Not Found"}  # API Gateway's own answer

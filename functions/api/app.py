@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import traceback
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Annotated, Any, Literal, Optional, Union
@@ -607,6 +608,15 @@ def undecodable_body(exc: UnicodeDecodeError) -> Response:
         app.current_event.decoded_body
     except UnicodeDecodeError:
         return error_response(400, "the request body is not UTF-8")
+    raise exc
+
+
+@app.exception_handler(ValueError)
+def unreadable_form(exc: ValueError) -> Response:
+    # Powertools' multipart parser raises a bare ValueError for a body it cannot split (no
+    # boundary): the client's fault. A ValueError from anywhere else is a defect and stays one.
+    if any(frame.f_code.co_name == "_parse_multipart_data" for frame, _ in traceback.walk_tb(exc.__traceback__)):
+        return error_response(400, f"unreadable multipart/form-data body: {exc}")
     raise exc
 
 
