@@ -94,11 +94,20 @@ if os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") in ("provisioned-concurrency
     engine()
 
 JOB_ID = media.JOB_ID
-SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,200}$"
 CONTENT_TYPES = {fmt: media_type for fmt, (_, media_type) in media.IMAGE_FORMATS.items()}
 # Whole videos (the split function takes them from uploads/).
 VIDEO_CONTENT_TYPES = media.VIDEO_MEDIA_TYPES
 UPLOAD_CONTENT_TYPES = {**PHOTO_CONTENT_TYPES, **VIDEO_CONTENT_TYPES}
+
+
+def _either_case(suffix: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in suffix)
+
+
+# A plain file name (it becomes part of an S3 key) with an extension of a photo or video read:
+# in the document, so clients and generated requests know it.
+UPLOAD_NAME = (r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,200}\.("
+               + "|".join(_either_case(s[1:]) for s in sorted(UPLOAD_CONTENT_TYPES)) + ")$")
 # What a job's operation reads: a photo job one of the still-image types, a video job one of the
 # video types. Anything else (text/html, a value with CRLF) is refused, never signed into a URL.
 PHOTO_MEDIA_TYPES = tuple(sorted(set(PHOTO_CONTENT_TYPES.values())))
@@ -135,7 +144,9 @@ class Error(BaseModel):
 
 
 class JobRequest(BaseModel):
-    filename: str = Field(pattern=SAFE_NAME, description="name of the photo or video, e.g. party.jpg, talk.mp4")
+    filename: str = Field(pattern=UPLOAD_NAME, description=(
+        "name of the photo or video, e.g. party.jpg, talk.mp4: letters, digits, '.', '_', '-' and spaces, ending in "
+        + ", ".join(sorted(UPLOAD_CONTENT_TYPES))))
     content_type: Optional[UploadMediaType] = Field(  # type: ignore[valid-type]
         default=None, description="Content-Type to upload with: an image type for a photo, a video type for a "
                                   "video (default: the type of the filename's extension)")
@@ -238,10 +249,16 @@ ERROR_MEANINGS = {
 }
 
 
-def answers(success: int, description: str, content: dict, *errors: int) -> dict:
+# The routes that take the id POST /v1/jobs returns (OpenAPI links: clients and generated
+# tests follow them).
+JOB_LINKS = {name: {"operationId": name, "parameters": {"job_id": "$response.body#/job_id"}}
+             for name in ("getJob", "getJobUpload", "completeJobUpload", "getJobResult")}
+
+
+def answers(success: int, description: str, content: dict, *errors: int, links: Optional[dict] = None) -> dict:
     """A route's documented responses: its success and each error it gives, all errors with the
     Error schema."""
-    documented = {success: {"description": description, "content": content}}
+    documented = {success: {"description": description, "content": content, **({"links": links} if links else {})}}
     for status in sorted(errors):
         documented[status] = {"description": ERROR_MEANINGS[status],
                               "content": {content_types.APPLICATION_JSON: {"model": Error}}}
@@ -250,6 +267,9 @@ def answers(success: int, description: str, content: dict, *errors: int) -> dict
 
 def json_of(model: type) -> dict:
     return {content_types.APPLICATION_JSON: {"model": model}}
+
+
+PATTERN_MISMATCH = "not of the form the OpenAPI document gives (see the field's description)"
 
 
 def error_response(status: int, message: str) -> Response:
@@ -279,13 +299,12 @@ def owned_job(job_id: str) -> dict:
     return job
 
 
-@app.post("/v1/jobs", status_code=201,
-          responses=answers(201, "the job, and where to upload its input", json_of(JobCreated), 400, 413, 415))
+@app.post("/v1/jobs", status_code=201, operation_id="createJob",
+          responses=answers(201, "the job, and where to upload its input", json_of(JobCreated), 400, 413, 415,
+                            links=JOB_LINKS))
 @tracer.capture_method(capture_response=False)
 def create_job(request: JobRequest) -> JobCreated:
-    suffix = "." + request.filename.rsplit(".", 1)[-1].lower() if "." in request.filename else ""
-    if suffix not in UPLOAD_CONTENT_TYPES:
-        raise BadRequestError(f"filename must end in one of {', '.join(sorted(UPLOAD_CONTENT_TYPES))}")
+    suffix = "." + request.filename.rsplit(".", 1)[-1].lower()  # one of UPLOAD_CONTENT_TYPES: the pattern says so
     is_video = suffix in VIDEO_CONTENT_TYPES
     readable = VIDEO_MEDIA_TYPES if is_video else PHOTO_MEDIA_TYPES
     if request.content_type is not None and request.content_type not in readable:
@@ -375,7 +394,7 @@ def complete_parts(parts: list[ReceivedPart], size: int, part_size: int) -> set[
             if 1 <= p.part_number <= total and p.size == (last if p.part_number == total else part_size)}
 
 
-@app.get("/v1/jobs/<job_id>/upload",
+@app.get("/v1/jobs/<job_id>/upload", operation_id="getJobUpload",
          responses=answers(200, "the parts received and URLs for the missing ones", json_of(UploadStatus), 404, 409))
 def get_upload(job_id: str) -> UploadStatus:
     job = owned_job(job_id)
@@ -387,7 +406,7 @@ def get_upload(job_id: str) -> UploadStatus:
                         missing=[n for n in range(1, upload.parts_total + 1) if n not in good])
 
 
-@app.post("/v1/jobs/<job_id>/complete", status_code=202,
+@app.post("/v1/jobs/<job_id>/complete", status_code=202, operation_id="completeJobUpload",
           responses=answers(202, "the parts are joined; the job starts", json_of(Job), 404, 409))
 @tracer.capture_method(capture_response=False)
 def complete_upload(job_id: str) -> Job:
@@ -436,12 +455,12 @@ def job_view(job: dict) -> Job:
     return Job(**fields)
 
 
-@app.get("/v1/jobs/<job_id>", responses=answers(200, "the job", json_of(Job), 404))
+@app.get("/v1/jobs/<job_id>", operation_id="getJob", responses=answers(200, "the job", json_of(Job), 404))
 def get_job(job_id: str) -> Job:
     return job_view(owned_job(job_id))
 
 
-@app.get("/v1/jobs/<job_id>/result",
+@app.get("/v1/jobs/<job_id>/result", operation_id="getJobResult",
          responses=answers(200, "download links of the result and its report", json_of(ResultLinks), 404, 409))
 def get_result(job_id: str) -> ResultLinks:
     job = owned_job(job_id)
@@ -514,7 +533,7 @@ def request_image() -> bytes:
     return data
 
 
-@app.post("/v1/analyze", responses=answers(200, "the faces found", json_of(FacesFound), 400, 413, 415))
+@app.post("/v1/analyze", operation_id="analyze", responses=answers(200, "the faces found", json_of(FacesFound), 400, 413, 415))
 @tracer.capture_method(capture_response=False)
 def analyze() -> FacesFound:
     from faceflow.images import BadInput
@@ -528,7 +547,7 @@ def analyze() -> FacesFound:
 
 
 # No return annotation: the body is an image, which Powertools would try to validate as JSON.
-@app.post("/v1/anonymize", responses=answers(
+@app.post("/v1/anonymize", operation_id="anonymize", responses=answers(
     200, "the anonymised image, in the format it came in (X-Faceflow-Faces: faces masked)",
     {t: {"schema": {"type": "string", "format": "binary"}} for t in CONTENT_TYPES.values()}, 400, 413, 415))
 @tracer.capture_method(capture_response=False)
@@ -549,7 +568,7 @@ def anonymize(method: Annotated[Literal["blur", "pixelate", "solid"], Query()] =
 
 # -- the OpenAPI document --------------------------------------------------------------------
 
-@app.get("/v1/openapi.json", responses=answers(200, "this API's OpenAPI document",
+@app.get("/v1/openapi.json", operation_id="openapi", responses=answers(200, "this API's OpenAPI document",
                                                {content_types.APPLICATION_JSON: {"schema": {"type": "object"}}}))
 def openapi():
     return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=openapi_json())
@@ -589,7 +608,8 @@ def service_error(exc: ServiceError) -> Response:
 def invalid_request(exc: RequestValidationError) -> Response:
     # Malformed JSON and wrong fields are the client's fault: 400 with what was wrong (never the
     # input itself).
-    problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
+    problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: "
+                + (PATTERN_MISMATCH if e.get("type") == "string_pattern_mismatch" else str(e.get("msg")))
                 + (f" ({e['ctx']['error']})" if isinstance(e.get("ctx"), dict) and "error" in e["ctx"] else "")
                 for e in exc.errors()]
     return error_response(400, "invalid request: " + "; ".join(problems))
