@@ -12,6 +12,7 @@ import json
 import math
 import time
 import urllib.parse
+from pathlib import Path
 import urllib.request
 
 import numpy as np
@@ -29,6 +30,8 @@ MIB = 1024 * 1024
 PART = 5 * MIB          # S3's smallest part, so the test sends little
 THRESHOLD = 8 * MIB     # uploads from here on are multipart in this stack (100 MiB by default)
 ERROR_STATUSES = {"400", "404", "409", "413", "415"}
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_JOB_ID = "6f1d2c3b4a5e4f60718293a4b5c6d7e8"  # the job of events/api_upload_status.json and ..._complete
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +302,29 @@ def test_a_method_no_route_has_is_a_404_not_a_501(stack, method):
     status, _, body = stack.request(method, "/v1/jobs")
     assert status == 404, body
     assert json.loads(body) == {"message": "Not Found"}  # API Gateway's own answer
+
+
+# -- the sample events -------------------------------------------------------------------------
+
+def test_the_sample_events_drive_a_large_upload(stack):
+    """events/api_*.json, as API Gateway sends them (JWT caller): create a 2 GiB video job,
+    ask which parts arrived, try to complete it too early."""
+    def invoke(name: str, job_id: str | None = None) -> tuple[int, dict]:
+        text = (ROOT / "events" / f"{name}.json").read_text()
+        if job_id:
+            text = text.replace(SAMPLE_JOB_ID, job_id)
+        result = stack.invoke_api(json.loads(text))
+        assert result.ok, result.error
+        return result.payload["statusCode"], json.loads(result.payload["body"])
+
+    status, created = invoke("api_create_job")
+    assert status == 201, created
+    upload = created["upload"]
+    assert upload["method"] == "multipart" and upload["size"] == 2 * 1024**3
+    assert upload["parts_total"] == math.ceil(2 * 1024**3 / PART) == len(upload["parts"])
+    status, progress = invoke("api_upload_status", created["job_id"])
+    assert status == 200 and progress["received"] == [] and len(progress["missing"]) == upload["parts_total"]
+    status, error = invoke("api_complete_upload", created["job_id"])
+    assert status == 409 and error["status"] == 409
+    # the job is the JWT subject's: another caller does not see it
+    assert stack.request("GET", f"/v1/jobs/{created['job_id']}")[0] == 404
