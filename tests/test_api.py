@@ -173,6 +173,7 @@ def test_openapi_documents_bodies_statuses_and_one_error_schema(stack, openapi):
         assert body["image/jpeg"]["schema"] == {"type": "string", "format": "binary"}
     assert set(paths["/v1/anonymize"]["post"]["responses"]["200"]["content"]) == \
         {media_type for _, media_type in media.IMAGE_FORMATS.values()}
+    assert "X-Faceflow-Faces" in paths["/v1/anonymize"]["post"]["responses"]["200"]["headers"]
     content_type = openapi["components"]["schemas"]["JobRequest"]["properties"]["content_type"]
     allowed = {s["const"] if "const" in s else tuple(s.get("enum", ())) for s in content_type["anyOf"]}
     assert any(isinstance(a, tuple) and "image/jpeg" in a and "text/html" not in a for a in allowed), content_type

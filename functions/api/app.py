@@ -15,6 +15,8 @@
     GET  /v1/openapi.json         this API's OpenAPI document
 
 Every 4xx has one body shape, `{"message": ..., "status": ...}` (the Error schema).
+FACEFLOW_MULTIPART_THRESHOLD_BYTES (100 MiB) and FACEFLOW_MULTIPART_PART_BYTES (64 MiB, at least
+S3's 5 MiB) set when an upload goes in parts and how large they are.
 Jobs belong to the caller (JWT subject or IAM principal): another caller gets 404, and so
 does an authenticated caller for a job without an owner (one dropped into the bucket).
 No `from __future__ import annotations` here: Powertools reads the route signatures' types
@@ -121,7 +123,7 @@ MIB = 1024 * 1024
 S3_MIN_PART_BYTES = 5 * MIB
 S3_MAX_PARTS = 10_000
 # Uploads of at least this many bytes go in parts (S3 advises multipart above about 100 MB): a
-# broken connection costs one part, not the whole file. A 2 GB video is 32 parts of 64 MiB.
+# broken connection costs one part, not the whole file. A 2 GiB video is 32 parts of 64 MiB.
 MULTIPART_THRESHOLD_BYTES = int(os.environ.get("FACEFLOW_MULTIPART_THRESHOLD_BYTES", 100 * MIB))
 MULTIPART_PART_BYTES = int(os.environ.get("FACEFLOW_MULTIPART_PART_BYTES", 64 * MIB))
 if MULTIPART_PART_BYTES < S3_MIN_PART_BYTES:
@@ -255,10 +257,14 @@ JOB_LINKS = {name: {"operationId": name, "parameters": {"job_id": "$response.bod
              for name in ("getJob", "getJobUpload", "completeJobUpload", "getJobResult")}
 
 
-def answers(success: int, description: str, content: dict, *errors: int, links: Optional[dict] = None) -> dict:
+def answers(success: int, description: str, content: dict, *errors: int, links: Optional[dict] = None,
+            headers: Optional[dict] = None) -> dict:
     """A route's documented responses: its success and each error it gives, all errors with the
     Error schema."""
-    documented = {success: {"description": description, "content": content, **({"links": links} if links else {})}}
+    extra = {"links": links} if links else {}
+    if headers:
+        extra["headers"] = headers
+    documented = {success: {"description": description, "content": content, **extra}}
     for status in sorted(errors):
         documented[status] = {"description": ERROR_MEANINGS[status],
                               "content": {content_types.APPLICATION_JSON: {"model": Error}}}
@@ -549,7 +555,8 @@ def analyze() -> FacesFound:
 # No return annotation: the body is an image, which Powertools would try to validate as JSON.
 @app.post("/v1/anonymize", operation_id="anonymize", responses=answers(
     200, "the anonymised image, in the format it came in (X-Faceflow-Faces: faces masked)",
-    {t: {"schema": {"type": "string", "format": "binary"}} for t in CONTENT_TYPES.values()}, 400, 413, 415))
+    {t: {"schema": {"type": "string", "format": "binary"}} for t in CONTENT_TYPES.values()}, 400, 413, 415,
+    headers={"X-Faceflow-Faces": {"description": "faces masked", "schema": {"type": "integer", "minimum": 0}}}))
 @tracer.capture_method(capture_response=False)
 def anonymize(method: Annotated[Literal["blur", "pixelate", "solid"], Query()] = "blur",
               shape: Annotated[Literal["ellipse", "box"], Query()] = "ellipse"):
