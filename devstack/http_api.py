@@ -343,6 +343,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle  # noqa: N815
 
+    def __getattr__(self, name: str) -> Any:
+        # any other method (TRACE, QUERY, ...) goes to the routes too: API Gateway answers a
+        # method no route has with its 404, never with http.server's 501
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
+
 
 class HttpApi:
     """The HTTP API in front of `invoke(event) -> InvokeResult`."""

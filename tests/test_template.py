@@ -30,6 +30,7 @@ LAMBDA_PYTHON_IMAGE = "public.ecr.aws/lambda/python:3.12"
 MODEL_DIR = "/opt/faceflow/models"
 UPLOAD_PREFIX, RESULT_PREFIX = "uploads/", "results/"  # functions/common/settings.py
 ROUTES = {("POST", "/v1/jobs"), ("GET", "/v1/jobs/{id}"), ("GET", "/v1/jobs/{id}/result"),
+          ("GET", "/v1/jobs/{id}/upload"), ("POST", "/v1/jobs/{id}/complete"),
           ("POST", "/v1/analyze"), ("POST", "/v1/anonymize")}
 # Managed policies SAM attaches (logs, X-Ray via Tracing: Active, ENIs via VpcConfig):
 # explicit actions only. Anything else attached to a function role is a finding.
@@ -399,7 +400,8 @@ def test_function_policies_are_least_privilege(template):
         ("s3:GetObject", uploads), ("s3:GetObjectVersion", uploads), ("s3:GetObjectTagging", uploads),
         ("s3:PutObject", results)}
     assert _grants(_function_statements(template, "ApiFunction")) == {
-        ("s3:PutObject", uploads), ("s3:GetObject", results)}
+        ("s3:PutObject", uploads), ("s3:ListMultipartUploadParts", uploads), ("s3:AbortMultipartUpload", uploads),
+        ("s3:GetObject", results)}
 
 
 def test_no_circular_reference_between_buckets_and_function_roles(template):
@@ -427,6 +429,17 @@ def test_buckets_are_private_encrypted_https_only_and_expire(template):
         deny = [s for s in policies[name]["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"]
         assert any(s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} for s in deny), name
 
+
+
+def test_incomplete_multipart_uploads_to_the_input_bucket_are_aborted(template):
+    """The API hands out S3 multipart uploads for large files; parts of one never completed
+    are stored (and billed) until a lifecycle rule aborts the upload."""
+    rules = template["Resources"]["InputBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    aborting = [r for r in rules if r.get("Status") == "Enabled" and "AbortIncompleteMultipartUpload" in r]
+    assert aborting, "no AbortIncompleteMultipartUpload rule on the input bucket"
+    # it must cover uploads/: no prefix (the whole bucket) or that one
+    assert any(r.get("Prefix", "") in ("", UPLOAD_PREFIX) and not r.get("Filter")
+               and 1 <= int(r["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"]) <= 7 for r in aborting)
 
 def test_only_the_input_bucket_triggers_processing(template):
     from faceflow.images import EXTENSION_FORMAT

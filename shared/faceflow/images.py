@@ -163,9 +163,11 @@ def encode(picture: Picture, fmt: str | None = None, quality: int = 92) -> bytes
     if fmt == "GIF":
         frames = picture.frames or [picture.pixels]
         pil = [Image.fromarray(cv2.cvtColor(to_bgr8(f), cv2.COLOR_BGR2RGB)) for f in frames]
+        durations = picture.durations or [100] * len(pil)
         out = io.BytesIO()
+        # Pillow takes a list of durations only with save_all: one frame gets its number
         pil[0].save(out, "GIF", save_all=len(pil) > 1, append_images=pil[1:],
-                    duration=picture.durations or 100, loop=picture.loop, optimize=False)
+                    duration=durations if len(pil) > 1 else durations[0], loop=picture.loop, optimize=False)
         return out.getvalue()
     pixels = picture.pixels
     if fmt == "JPEG":
