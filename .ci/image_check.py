@@ -141,7 +141,7 @@ def function_env(stack: Stack, runtime: RuntimeAPI) -> dict[str, str]:
     return env
 
 
-def check_function_image(image: str, photo: tuple[str, bytes], workdir: Path) -> dict:
+def check_function_image(image: str, photo: tuple[str, bytes], workdir: Path, save: Path | None = None) -> dict:
     name, data = photo
     timings: dict[str, float] = {}
     with Stack(stills_handler=None, api_handler=None, workdir=workdir / "stack") as stack:
@@ -172,7 +172,11 @@ def check_function_image(image: str, photo: tuple[str, bytes], workdir: Path) ->
             bucket = stack.output_bucket
             image_key = outputs["image"].removeprefix(f"s3://{bucket}/")
             report_key = outputs["report"].removeprefix(f"s3://{bucket}/")
-            out = decode(stack.s3.get_object(Bucket=bucket, Key=image_key)["Body"].read(), "the output image")
+            out_data = stack.s3.get_object(Bucket=bucket, Key=image_key)["Body"].read()
+            out = decode(out_data, "the output image")
+            if save is not None:
+                save.mkdir(parents=True, exist_ok=True)
+                (save / Path(image_key).name).write_bytes(out_data)
             original = decode(data, "the photo")
             expect(out.shape == original.shape, f"output {out.shape} is not the photo's size {original.shape}")
             report = json.loads(stack.s3.get_object(Bucket=bucket, Key=report_key)["Body"].read())
@@ -255,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--function-image", required=True)
     parser.add_argument("--gpu-image")
     parser.add_argument("--photo", type=Path, help="a photo with faces (default: one from ../shared/data)")
+    parser.add_argument("--save", type=Path, help="a folder to write the function's output image to, to look at")
     args = parser.parse_args(argv)
     photo = (args.photo.name, args.photo.read_bytes()) if args.photo else default_photo()
     interfaces = [n for _, n in socket.if_nameindex()]
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="faceflow-image-check-") as tmp:
         workdir = Path(tmp)
         try:
-            summary = check_function_image(args.function_image, photo, workdir)
+            summary = check_function_image(args.function_image, photo, workdir, args.save)
             if args.gpu_image:
                 summary.update(check_gpu_image(args.gpu_image, photo, workdir))
         except CheckFailed as exc:
