@@ -777,6 +777,20 @@ def test_gpu_requirements_are_pinned_gpu_onnxruntime_and_match_the_functions():
         assert pins[name] == functions[name], f"{name}: {pins[name]} here, {functions[name]} in the function image"
 
 
+@pytest.mark.slow
+def test_gpu_requirements_resolve_to_wheels_for_the_image(tmp_path):
+    """The runtime stage installs with --only-binary=:all: on the CUDA image (Ubuntu 24.04:
+    glibc 2.39, Python 3.12): every pin and dependency must exist as such a wheel on the package
+    index, or the image does not build."""
+    platforms = [arg for minor in range(39, 16, -1) for arg in ("--platform", f"manylinux_2_{minor}_x86_64")]
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--disable-pip-version-check",
+           "--ignore-installed", "--target", str(tmp_path / "site-packages"), "--python-version", "3.12",
+           "--implementation", "cp", "--abi", "cp312", *platforms, "--platform", "manylinux2014_x86_64",
+           "--only-binary=:all:", "-r", str(REQUIREMENTS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"pip cannot resolve {REQUIREMENTS.name} to wheels:\n{proc.stderr[-3000:]}"
+
+
 def test_the_image_layout_imports_the_entrypoint(tmp_path, model_dir):
     """Lay the code out as the worker stage's COPYs do (and nothing else of the repository), then
     import the entrypoint module there and load its engine on CPU, as the image's build check does."""
