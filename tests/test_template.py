@@ -689,12 +689,17 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def stages() -> list[dict]:
-    result = []
+    """The stages, each base with the defaults of the ARGs declared before the first FROM."""
+    result, build_args = [], {}
     for word, args in dockerfile_instructions():
-        if word == "FROM":
+        if word == "ARG" and not result:
+            name, _, default = args.partition("=")
+            build_args[name] = default
+        elif word == "FROM":
             parts = [p for p in args.split() if not p.startswith("--")]
             name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
-            result.append({"base": parts[0], "name": name, "steps": []})
+            base = re.sub(r"\$\{(\w+)\}", lambda m: build_args.get(m[1], m[0]), parts[0])
+            result.append({"base": base, "name": name, "steps": []})
         else:
             result[-1]["steps"].append((word, args))
     return result
