@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="handler of the stills function ('' for none)")
     parser.add_argument("--api-handler", default="functions.api.app.handler",
                         help="handler of the api function ('' for none)")
+    parser.add_argument("--functions", help="comma-separated names of the functions to run (default: every "
+                        "function of template.yaml: stills,api,split,chunk-worker,session-chunk,failures,gpu-result)")
     parser.add_argument("--pythonpath", action="append", default=[], metavar="DIR",
                         help="extra PYTHONPATH entry for the functions (repeatable)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     function_env = dict(item.split("=", 1) for item in args.env)
     stack = Stack(stills_handler=args.stills_handler or None, api_handler=args.api_handler or None,
                   extra_pythonpath=args.pythonpath, function_env=function_env, workdir=workdir,
-                  api_auth=args.api_auth, api_routes=None if args.any_route else "template", poll=not args.no_poll, init_timeout=args.init_timeout, wait_ready=False)
+                  api_auth=args.api_auth, api_routes=None if args.any_route else "template", poll=not args.no_poll, init_timeout=args.init_timeout, wait_ready=False,
+                  functions=[n.strip() for n in args.functions.split(",") if n.strip()] if args.functions else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -267,17 +267,25 @@ def test_output_bucket_and_other_prefixes_reach_nothing(stack, poller_running):
     assert stack.queue_depth() == 0
 
 
-def test_failed_invocation_is_retried_then_dead_lettered(stack, poller_running, record_dir):
+def test_failed_invocation_is_retried_then_sent_to_the_on_failure_destination(stack, poller_running, record_dir):
+    """S3 invokes asynchronously: two retries, then Lambda's on-failure destination record
+    (the event, the last error, the attempts)."""
     key = "uploads/fail-me.jpg"
     stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=b"x", ContentType="image/jpeg")
     failures = stack.wait_for_deliveries(3, timeout=60, outcome="error", key=key)
     assert [d.receive_count for d in failures] == [1, 2, 3]
+    assert [d.gave_up for d in failures] == [False, False, True]
     assert all(d.result.error["errorType"] == "RuntimeError" for d in failures)
     deadline = time.monotonic() + 30
     while not stack.dlq_messages() and time.monotonic() < deadline:
         time.sleep(0.5)
     dead = stack.dlq_messages()
-    assert [unquote_plus(m["Records"][0]["s3"]["object"]["key"]) for m in dead] == [key]
+    assert [unquote_plus(m["requestPayload"]["Records"][0]["s3"]["object"]["key"]) for m in dead] == [key]
+    context = dead[0]["requestContext"]
+    assert context["condition"] == "RetriesExhausted" and context["approximateInvokeCount"] == 3
+    assert context["functionArn"].endswith(":function:faceflow-stills:$LATEST")
+    assert dead[0]["responsePayload"]["errorType"] == "RuntimeError"
+    assert dead[0]["responseContext"]["functionError"] == "Unhandled"
     time.sleep(stack.visibility_timeout + 1)
     assert len([d for d in stack.deliveries if d.event and d.outcome == "error"
                 and d.event["Records"][0]["s3"]["object"]["key"] == key]) == 3
