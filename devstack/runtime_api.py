@@ -77,6 +77,7 @@ class _Invocation:
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     result: InvokeResult | None = None
+    timed_out: bool = False
 
 
 def _trace_id() -> str:
@@ -292,7 +293,6 @@ class RuntimeAPI:
         inv = _Invocation(request_id, body, self.timeout if timeout is None else timeout,
                           json.dumps(client_context) if client_context is not None else None,
                           json.dumps(cognito_identity) if cognito_identity is not None else None, _trace_id())
-        timed_out = False
         with self._cv:
             if self._stopping:
                 return InvokeResult(False, request_id=request_id,
@@ -317,18 +317,29 @@ class RuntimeAPI:
                     left = inv.started_at + inv.timeout - now
                     if left <= 0:
                         self._inflight.pop(request_id, None)
-                        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-                        self._log_line(f"{stamp} {request_id} Task timed out after {inv.timeout:.2f} seconds")
-                        self._finish(inv, InvokeResult(False, request_id=request_id, error=_error_doc(
-                            "Sandbox.Timedout",
-                            f"{stamp} {request_id} Task timed out after {inv.timeout:.2f} seconds", request_id),
-                            duration_ms=inv.timeout * 1000))
-                        timed_out = True
+                        self._time_out(inv)
                         break
                     self._cv.wait(min(left, 0.2))
-        if timed_out and self.on_timeout is not None:
+        if inv.timed_out and self.on_timeout is not None:
             self.on_timeout()
         return inv.result
+
+    def _time_out(self, inv: _Invocation) -> None:  # holds self._cv
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        message = f"{stamp} {inv.request_id} Task timed out after {inv.timeout:.2f} seconds"
+        self._log_line(message)
+        inv.timed_out = True
+        self._finish(inv, InvokeResult(False, request_id=inv.request_id, duration_ms=inv.timeout * 1000,
+                                       error=_error_doc("Sandbox.Timedout", message, inv.request_id)))
+
+    def _late(self, inv: _Invocation) -> bool:
+        """The answer came after the deadline (the waiting thread had not woken yet): Lambda
+        would have stopped the function at the deadline, so it is a timeout."""
+        if inv.started_at is None or time.monotonic() <= inv.started_at + inv.timeout:
+            return False
+        with self._cv:
+            self._time_out(inv)
+        return True
 
     # -- server side -----------------------------------------------------------------------------
     def _serve_next(self, handler: _Handler) -> None:
@@ -352,6 +363,7 @@ class RuntimeAPI:
             inv.started_at = time.monotonic()
             self._inflight[inv.request_id] = inv
             self.invocations += 1
+            self._cv.notify_all()  # the invoking thread now waits for the deadline, not a poll
         deadline_ms = int((time.time() + inv.timeout) * 1000)
         headers = {
             "Lambda-Runtime-Aws-Request-Id": inv.request_id,
@@ -383,6 +395,8 @@ class RuntimeAPI:
         if inv is None:
             return 400, {"errorMessage": f"unknown or finished request id {request_id}",
                          "errorType": "InvalidRequestID"}
+        if self._late(inv):
+            return 202, {"status": "OK"}
         duration = (time.monotonic() - inv.started_at) * 1000
         if len(body) > self.max_response_bytes:
             error = _error_doc("Function.ResponseSizeTooLarge",
@@ -403,6 +417,8 @@ class RuntimeAPI:
         if inv is None:
             return 400, {"errorMessage": f"unknown or finished request id {request_id}",
                          "errorType": "InvalidRequestID"}
+        if self._late(inv):
+            return 202, {"status": "OK"}
         duration = (time.monotonic() - inv.started_at) * 1000
         self._complete(inv, InvokeResult(False, error=_parse_error(body, error_type, request_id),
                                          request_id=request_id, duration_ms=duration, raw=body))

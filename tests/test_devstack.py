@@ -195,6 +195,20 @@ def test_runtime_api_crash_and_timeout_start_a_new_environment(lone_function):
     assert function.restarts == 2
 
 
+def test_a_short_timeout_is_enforced_to_the_millisecond(lone_function):
+    """A handler that answers after its deadline has timed out, however short the timeout
+    (the deadline is not rounded up to the stand-in's polling interval)."""
+    function = lone_function("ds_handlers.stills", timeout=0.05)
+    function.wait_ready(30)
+    first_pid = function.pid
+    for _attempt in range(3):
+        late = function.invoke({"sleep": 0.15})
+        assert not late.ok and late.error["errorType"] == "Sandbox.Timedout", late
+        assert "Task timed out after 0.05 seconds" in late.error["errorMessage"]
+    assert function.invoke({"x": 1}, timeout=10).ok
+    assert first_pid != function.pid and function.restarts == 3
+
+
 def test_runtime_api_payload_limits(lone_function):
     function = lone_function("ds_handlers.stills")
     function.wait_ready(30)
