@@ -35,7 +35,8 @@ JOB_KEYS = "faceflow:job:*"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, model_dir):
     env = {"FACEFLOW_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "FACEFLOW_MODEL_DIR": str(model_dir)}
-    with Stack(function_env=env, workdir=tmp_path_factory.mktemp("functions-stack")) as running:
+    with Stack(functions=("stills", "api"), function_env=env,
+               workdir=tmp_path_factory.mktemp("functions-stack")) as running:
         # Versions count the writes: a repeated delivery must not add one.
         running.s3.put_bucket_versioning(Bucket=running.output_bucket,
                                          VersioningConfiguration={"Status": "Enabled"})
