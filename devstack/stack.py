@@ -31,6 +31,7 @@ from .http_api import HttpApi, make_jwt, sigv4_headers
 from .poller import AsyncPoller, Delivery, SqsEventSource
 from .procs import DevstackError
 from .runtime_api import InvokeResult
+from .sagemaker import AsyncEndpoint, GpuWorker
 from .services import MotoServer, RedisServer, missing_tools
 from .template import FunctionConfig, GetAtt, Ref, TemplateConfig
 from .template import load as load_template
@@ -70,7 +71,8 @@ class Stack:
                  stills_timeout: float | None = None, api_timeout: float | None = None,
                  memory_size: int | None = None, init_timeout: float = 180.0,
                  wait_ready: bool = True, poll: bool = True, functions: Iterable[str] | None = None,
-                 handlers: Mapping[str, str] | None = None, timeouts: Mapping[str, float] | None = None):
+                 handlers: Mapping[str, str] | None = None, timeouts: Mapping[str, float] | None = None,
+                 gpu: bool | None = None):
         self.root = Path(root or ROOT).resolve()
         self.template_path = (self.root / template) if template is not None else None
         self.template = load_template(self.template_path) if self.template_path else TemplateConfig()
@@ -95,13 +97,19 @@ class Stack:
         self.stills_timeout = stills_timeout or self._from_template(stills_handler, "timeout", 120.0)
         self.api_timeout = api_timeout or self._from_template(api_handler, "timeout", 29.0)
         self.specs = self._function_specs(functions, dict(handlers or {}), dict(timeouts or {}))
+        # the GPU endpoint stand-in runs with the function that takes its answers
+        self.gpu = ("gpu-result" in self.specs) if gpu is None else gpu
+        self.gpu_endpoint_name = "faceflow-gpu"
+        self.gpu_worker: GpuWorker | None = None
+        self.sagemaker: AsyncEndpoint | None = None
         self.memory_size = memory_size
         self.init_timeout = init_timeout
         self.wait_ready = wait_ready
         self.poll = poll
 
         logs = self.workdir / "logs"
-        self.logs: dict[str, Path] = {name: logs / f"{name}.log" for name in ("moto", "redis", "stills", "api", *self.specs)}
+        self.logs: dict[str, Path] = {name: logs / f"{name}.log"
+                                      for name in ("moto", "redis", "stills", "api", "gpu-worker", *self.specs)}
         self.moto = MotoServer(self.logs["moto"])
         self.redis = RedisServer(self.workdir / "redis", self.logs["redis"])
         self.functions: dict[str, LambdaFunction] = {}
@@ -184,6 +192,10 @@ class Stack:
                "DEVSTACK_WORKDIR": str(self.workdir)}
         if self.api_url:
             env["DEVSTACK_API_URL"] = self.api_url
+        if self.sagemaker is not None:
+            # functions/common/gpu.py submits here (template.yaml sets the name only with a GPU)
+            env["FACEFLOW_GPU_ENDPOINT"] = self.gpu_endpoint_name
+            env["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = self.sagemaker.url
         return env
 
     def _resolve(self, value: object) -> str | None:
@@ -251,6 +263,8 @@ class Stack:
             self.moto.start()
             self.redis.start()
             self._create_resources()
+            if self.gpu:
+                self._start_gpu()
             for name, spec in self.specs.items():
                 function = LambdaFunction(f"faceflow-{name}", spec.handler, env=self.function_env(name, spec.handler),
                                           cwd=self.root, log_path=self.logs[name], timeout=spec.timeout or 30.0,
@@ -267,6 +281,8 @@ class Stack:
                 deadline = time.monotonic() + self.init_timeout
                 for function in self.functions.values():
                     function.wait_ready(max(0.1, deadline - time.monotonic()))
+                if self.gpu_worker is not None:
+                    self.gpu_worker.wait_ready(max(0.1, deadline - time.monotonic()))
         except BaseException:
             self.stop()
             raise
@@ -283,6 +299,10 @@ class Stack:
         # stopping a function fails its pending invocations, which frees the poller
         steps.extend(function.stop for function in self.functions.values())
         steps.extend((lambda poller=poller: poller.stop(timeout=15)) for poller in pollers)
+        if self.sagemaker is not None:
+            steps.append(self.sagemaker.stop)
+        if self.gpu_worker is not None:
+            steps.append(self.gpu_worker.stop)
         steps.extend([self.redis.stop, self.moto.stop])
         for step in steps:
             try:
@@ -292,6 +312,7 @@ class Stack:
         self.poller = None
         self.pollers = {}
         self.http_api = None
+        self.sagemaker = self.gpu_worker = None
         self.functions = {}
         self._clients.clear()
         self.started = False
@@ -385,6 +406,22 @@ class Stack:
                 configurations.append(_queue_configuration(f"faceflow-bucket-{number}", self._queue_arns[queue], rules))
         s3.put_bucket_notification_configuration(Bucket=self.input_bucket,
                                                  NotificationConfiguration={"QueueConfigurations": configurations})
+
+    def _start_gpu(self) -> None:
+        """functions/gpu/server.py on CPU, and the SageMaker async stand-in in front of it
+        (publishing on template.yaml's GPU topics)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES) or k in _PASS_THROUGH}
+        env.update(self.env)
+        env.update({"PYTHONPATH": os.pathsep.join([*self.extra_pythonpath, str(self.root), str(self.root / "shared")]),
+                    "PYTHONUNBUFFERED": "1", "POWERTOOLS_LOG_LEVEL": "INFO", "FACEFLOW_GPU_WORKERS": "1"})
+        env.update({k: v for k, v in self.function_env_overrides.items() if k == "FACEFLOW_MODEL_DIR"})
+        self.gpu_worker = GpuWorker(self.root, env, self.logs["gpu-worker"])
+        self.gpu_worker.start()
+        topics = {outcome: self.topics.get(topic) for outcome, topic in self.template.gpu_topics.items()}
+        self.sagemaker = AsyncEndpoint(self.gpu_worker.url, s3=self.client("s3"), sns=self.client("sns"),
+                                       output_bucket=self.output_bucket, success_topic=topics.get("success"),
+                                       error_topic=topics.get("error"), region=self.region)
+        self.sagemaker.start()
 
     def _start_deliveries(self) -> None:
         """One poller per event source of each running function (see devstack.poller)."""
@@ -590,6 +627,9 @@ class Stack:
                          f"log {function.log_path}")
         for key in self.pollers:
             lines.append(f"delivery       {key}")
+        if self.sagemaker is not None:
+            lines.append(f"gpu endpoint   {self.gpu_endpoint_name} (SageMaker async stand-in {self.sagemaker.url}) -> "
+                         f"functions/gpu/server.py {self.gpu_worker.url}  log {self.gpu_worker.log_path}")
         return "\n".join(lines)
 
 

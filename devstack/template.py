@@ -83,6 +83,8 @@ class TemplateConfig:
     # the input bucket's own QueueConfigurations: (queue logical id, filter rules)
     bucket_queues: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     parameters: dict[str, str] = field(default_factory=dict)            # Parameters' defaults
+    # the GPU endpoint's notification topics (SageMaker async OutputConfig): logical ids
+    gpu_topics: dict[str, str] = field(default_factory=dict)            # "success"/"error" → topic
 
 
 def _loader():
@@ -133,6 +135,12 @@ def load(path: Path) -> TemplateConfig:
                 target.resource if isinstance(target, GetAtt) else None, _int(redrive.get("maxReceiveCount")))
         elif kind == "AWS::SNS::Topic":
             config.topics.append(logical_id)
+        elif kind == "AWS::SageMaker::EndpointConfig":
+            notes = (((props.get("AsyncInferenceConfig") or {}).get("OutputConfig") or {})
+                     .get("NotificationConfig") or {})
+            for outcome, name in (("success", "SuccessTopic"), ("error", "ErrorTopic")):
+                if isinstance(notes.get(name), Ref):
+                    config.gpu_topics[outcome] = str(notes[name])
         elif kind == "AWS::S3::Bucket" and logical_id == "InputBucket":
             for item in (props.get("NotificationConfiguration") or {}).get("QueueConfigurations") or []:
                 if isinstance(item.get("Queue"), GetAtt):

@@ -29,9 +29,18 @@ FPS, FRAMES, SIDE = 12, 36, 384   # 3 s at one keyframe a second: 3 chunks of 1 
 SPLIT_TIMEOUT_S = 0.05
 
 
+# Low-priority videos go to the GPU endpoint (here: functions/gpu/server.py on CPU behind
+# devstack's SageMaker stand-in); the others stay on Lambda, in chunks.
+ROUTING = {"version": 1, "rules": [
+    {"name": "low-priority-video-on-gpu", "when": {"media": ["video"], "priority": ["low"]}, "target": "gpu"}],
+    "default": {"target": "lambda"}}
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, model_dir):
-    env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_CHUNK_SECONDS": "1"}
+    rules = tmp_path_factory.mktemp("routing") / "routing.json"
+    rules.write_text(json.dumps(ROUTING))
+    env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_CHUNK_SECONDS": "1", "FACEFLOW_ROUTING_FILE": str(rules)}
     with Stack(function_env=env, workdir=tmp_path_factory.mktemp("whole-stack")) as running:
         yield running
 
@@ -54,8 +63,8 @@ def clip(tmp_path_factory, astronaut_bgr) -> bytes:
     return path.read_bytes()
 
 
-def create_job(stack, filename: str, body: bytes) -> str:
-    status, _, reply = stack.request("POST", "/v1/jobs", {"filename": filename})
+def create_job(stack, filename: str, body: bytes, **fields) -> str:
+    status, _, reply = stack.request("POST", "/v1/jobs", {"filename": filename, **fields})
     assert status == 201, reply
     job = json.loads(reply)
     upload = urllib.request.Request(job["upload"]["url"], data=body, method="PUT", headers=job["upload"]["headers"])
@@ -94,6 +103,21 @@ def test_every_template_function_runs_with_its_deliveries(stack):
             "failures:StillsFailureQueue", "failures:ChunkDeadLetterQueue",
             "gpu-result:GpuSuccessTopic", "gpu-result:GpuErrorTopic"} <= set(stack.pollers)
     assert all(function.pid for function in stack.functions.values())
+    assert stack.gpu_worker is not None and stack.sagemaker is not None
+
+
+def test_video_job_routed_to_the_gpu_endpoint_is_done_and_downloadable(stack, clip, tmp_path):
+    """Routing → InvokeEndpointAsync (the stand-in) → the GPU worker → the answer in S3 and on
+    the success topic → the GPU result function → the job record."""
+    job_id = create_job(stack, "gpu.mp4", clip, priority="low")
+    job = wait_for_job(stack, job_id)
+    assert job["status"] == "done", job
+    assert job["route"] == "low-priority-video-on-gpu" and job["stage"] == "gpu"
+    assert [i["status"] for i in stack.sagemaker.invocations if i["inferenceId"] == job_id] == [200]
+    status, _, body = stack.request("GET", f"/v1/jobs/{job_id}/result")
+    assert status == 200, body
+    with urllib.request.urlopen(json.loads(body)["video_url"], timeout=30) as response:
+        assert frame_count(response.read(), tmp_path) == FRAMES
 
 
 def test_video_job_through_the_api_is_done_and_downloadable(stack, clip, tmp_path, low_engine):
