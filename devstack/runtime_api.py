@@ -36,10 +36,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
+from .httpd import LoopbackServer, RequestHandler
 from .procs import LOOPBACK, DevstackError
 
 log = logging.getLogger("devstack.runtime")
@@ -84,57 +84,12 @@ def _trace_id() -> str:
     return f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Parent={uuid.uuid4().hex[:16]};Sampled=0"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, api: "RuntimeAPI"):
-        self.api = api
-        super().__init__((LOOPBACK, 0), _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go in separate writes: no 40 ms delayed-ACK stalls
+class _Handler(RequestHandler):
+    """awslambdaric's side of the Runtime API (the owner is the RuntimeAPI)."""
     server_version = "devstack-runtime-api"
-    sys_version = ""
 
-    def version_string(self) -> str:
-        return self.server_version
-    server: _Server
-
-    def log_message(self, fmt: str, *args: Any) -> None:  # quiet; debug logging only
-        log.debug("%s runtime api: " + fmt, self.server.api.function_name, *args)
-
-    # -- plumbing ------------------------------------------------------------------------------
-    def _body(self) -> bytes:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def _send(self, status: int, body: bytes | dict = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
-        if isinstance(body, dict):
-            body = json.dumps(body).encode()
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if body:
-            self.wfile.write(body)
-        self.wfile.flush()
+    def _send(self, status: int, body: bytes | dict = b"", headers: dict[str, str] | None = None) -> None:
+        self.reply(status, body, list((headers or {}).items()))
 
     def _peer_closed(self) -> bool:
         """True when the client has gone (its process died): the socket reads EOF."""
@@ -149,13 +104,13 @@ class _Handler(BaseHTTPRequestHandler):
     # -- routes --------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802
         if self.path == f"{PREFIX}/invocation/next":
-            self.server.api._serve_next(self)
+            self.owner._serve_next(self)
         else:
             self._send(404, {"errorMessage": f"unknown path {self.path}", "errorType": "InvalidPath"})
 
     def do_POST(self) -> None:  # noqa: N802
-        body = self._body()
-        api = self.server.api
+        body = self.read_body()
+        api = self.owner
         path = self.path
         if path == f"{PREFIX}/init/error":
             api._init_error(body, self.headers.get("Lambda-Runtime-Function-Error-Type"))
@@ -207,19 +162,15 @@ class RuntimeAPI:
         self.init_failures = 0
         self._init_error_generation = -1
         self.invocations = 0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server = LoopbackServer(_Handler, self, f"runtime-api-{function_name}")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._server = _Server(self)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"runtime-api-{self.function_name}", daemon=True)
-        self._thread.start()
+        self._server.start()
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return self._server.port
 
     @property
     def address(self) -> str:
@@ -235,11 +186,7 @@ class RuntimeAPI:
             self._queue.clear()
             self._inflight.clear()
             self._cv.notify_all()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._server.stop()
 
     # -- the owner's hooks -------------------------------------------------------------------------
     def environment_ended(self, returncode: int | None) -> None:

@@ -23,10 +23,10 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Mapping
 
+from .httpd import LoopbackServer, RequestHandler
 from .procs import LOOPBACK, Child, DevstackError, free_port, tail
 
 log = logging.getLogger("devstack.sagemaker")
@@ -77,6 +77,16 @@ class GpuWorker:
             self.child = None
 
 
+class _Handler(RequestHandler):
+    """boto3's sagemaker-runtime side (the owner is the AsyncEndpoint)."""
+    server_version = "devstack-sagemaker"
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.read_body()  # InvokeEndpointAsync sends its input by location, not in the body
+        status, headers, body = self.owner.accept(self.path, {k.lower(): v for k, v in self.headers.items()})
+        self.reply(status, body, list(headers.items()))
+
+
 class AsyncEndpoint:
     """SageMaker's asynchronous inference in front of one worker (see the module doc)."""
 
@@ -90,47 +100,18 @@ class AsyncEndpoint:
         self.invoke_timeout = invoke_timeout
         self.invocations: list[dict] = []     # what was done with each request, for tests
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sagemaker-async")
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server = LoopbackServer(_Handler, self, "sagemaker-async")
         self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self._server.server_address[1]}"
+        return self._server.url
 
     def start(self) -> None:
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("sagemaker: " + fmt, *args)
-
-            def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
-                status, headers, body = endpoint.accept(self.path, {k.lower(): v for k, v in self.headers.items()})
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="sagemaker-async", daemon=True)
-        self._thread.start()
+        self._server.start()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        self._server.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def accept(self, path: str, headers: Mapping[str, str]) -> tuple[int, dict[str, str], dict]:

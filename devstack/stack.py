@@ -362,7 +362,7 @@ class Stack:
         """Buckets; template.yaml's queues (short visibility timeouts, their redrive policies)
         and topics; a queue per asynchronous trigger (S3 → function, SNS → function); the
         input bucket's notifications for the functions that run."""
-        s3, sqs = self.s3, self.sqs
+        s3 = self.s3
         for bucket in (self.input_bucket, self.output_bucket):
             if self.region == "us-east-1":
                 s3.create_bucket(Bucket=bucket)
