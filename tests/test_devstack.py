@@ -546,3 +546,36 @@ def test_ci_fails_instead_of_skipping_when_a_service_is_missing(tmp_path):
     assert ci.returncode != 0 and "CI lacks a service the tests need" in ci.stdout + ci.stderr
     local = subprocess.run(argv, env={**env, "CI": ""}, capture_output=True, text=True, timeout=120)
     assert local.returncode in (0, 5) and "1 skipped" in local.stdout  # 5: nothing ran
+
+
+def test_python_m_devstack_prints_its_endpoints_and_stops_on_sigterm(tmp_path):
+    """The README's `python -m devstack` (here with one function, to be quick): the endpoints
+    and exports, then a clean stop on SIGTERM with nothing left running."""
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "devstack", "--functions", "api", "--workdir", str(tmp_path)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("running;"):
+                break
+        text = "".join(lines)
+        assert "api: ready" in text and "export DEVSTACK_API_URL=http://127.0.0.1:" in text, text
+        assert "export AWS_ENDPOINT_URL=http://127.0.0.1:" in text and "export FACEFLOW_REDIS_URL=redis://" in text
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 0 and "stopped; logs in" in out
