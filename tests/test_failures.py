@@ -91,8 +91,10 @@ def test_records_that_are_not_ours_are_recognised():
         assert failures.classify(body) == ""
     session = json.loads((EVENTS / "session_chunk.json").read_text())
     assert failures.classify(session) == "session-chunk"
-    logged, = failures.from_session_chunk(session)
-    assert logged.job_id is None and set(logged.detail) <= {"session_id", "seq"}
+    skipped, = failures.from_session_chunk(session)
+    assert skipped.job_id is None and skipped.detail == {"session_id": "cam-entrance-01", "seq": 3}
+    session["Records"][0]["s3"]["object"]["key"] = "sessions/../3.mp4"
+    assert failures.from_session_chunk(session) == []
 
 
 @pytest.fixture()
@@ -152,4 +154,69 @@ def test_the_handler_marks_jobs_and_reports_unrecordable_records(redis_server, m
         assert reply == {"batchItemFailures": [{"itemIdentifier": "c4a7e2b9-1d3f-4e5a-8b6c-7d8e9f0a1b2c"}]}
     finally:
         redis_server.start()
+    client.close()
+
+
+def _sqs_event(body: dict, message_id: str = "m-1") -> dict:
+    return {"Records": [{"messageId": message_id, "receiptHandle": "r", "body": json.dumps(body),
+                         "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {},
+                         "md5OfBody": "", "eventSource": "aws:sqs", "awsRegion": "us-east-1",
+                         "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:faceflow-session-chunk-dlq"}]}
+
+
+def _session_note(key: str) -> dict:
+    note = json.loads((EVENTS / "session_chunk.json").read_text())
+    note["Records"][0]["s3"]["object"]["key"] = key
+    return note
+
+
+def test_a_dead_lettered_session_chunk_is_skipped_so_the_session_goes_on(redis_server, moto_url, monkeypatch):
+    """Before, a session chunk that failed on every receive left the session waiting for it
+    forever (every later chunk NOT_YET). Now the failure function commits it as failed, with
+    the state before it, and the next chunk runs from that state."""
+    import importlib
+
+    import boto3
+    import redis
+
+    from functions.common.sessions import DUPLICATE, NOT_YET, PROCESS, S3Checkpoints, SessionStore
+    env = {"FACEFLOW_INPUT_BUCKET": "in", "FACEFLOW_OUTPUT_BUCKET": "out", "FACEFLOW_REDIS_URL": redis_server.url,
+           "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_METRICS_NAMESPACE": "faceflow",
+           "AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="out")
+    sys.modules.pop("functions.failures.app", None)
+    app = importlib.import_module("functions.failures.app")
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    store = SessionStore(client, 3600, S3Checkpoints(s3, "out"))
+    first = store.claim("cam-1", 0, 5000)
+    store.commit(first, {"frame": 10}, {"status": "done"})
+    assert store.claim("cam-1", 2, 5000).status == NOT_YET     # waits for chunk 1
+
+    class Context:
+        function_name, memory_limit_in_mb, aws_request_id = "faceflow-failures", 512, "req-2"
+        invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:faceflow-failures"
+
+    dead = _sqs_event(_session_note("sessions/cam-1/1.mp4"))
+    assert app.handler(dead, Context()) == {"batchItemFailures": []}
+    skipped = store.claim("cam-1", 1, 5000)
+    assert skipped.status == DUPLICATE and skipped.result["status"] == "failed"
+    assert "skipped" in skipped.result["error"]
+    after = store.claim("cam-1", 2, 5000)
+    assert after.status == PROCESS and after.state == {"frame": 10}  # the state before the skipped chunk
+    store.release(after)
+    assert S3Checkpoints(s3, "out").load("cam-1", 1)["result"]["status"] == "failed"
+    # the same record again changes nothing; a chunk whose predecessor never came is left waiting
+    assert app.handler(dead, Context()) == {"batchItemFailures": []}
+    assert app.handler(_sqs_event(_session_note("sessions/cam-1/7.mp4")), Context()) == {"batchItemFailures": []}
+    assert store.get("cam-1")["next_seq"] == 2
+    # a chunk a worker holds right now: the record comes back later
+    held = store.claim("cam-1", 2, 60_000)
+    busy = app.handler(_sqs_event(_session_note("sessions/cam-1/2.mp4"), "m-busy"), Context())
+    assert busy == {"batchItemFailures": [{"itemIdentifier": "m-busy"}]}
+    store.release(held)
     client.close()

@@ -499,9 +499,15 @@ def test_failed_work_reaches_the_failure_function(template, transformed):
         assert "RedrivePolicy" not in res[queue]["Properties"], queue  # the last stop
     consume = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"}
     statements = [st for policy in fn["Policies"] for st in policy["Statement"]]
-    granted = {(action, json.dumps(resource)) for st in statements for action in as_list(st["Action"])
-               for resource in as_list(st["Resource"])}
-    assert granted == {(a, json.dumps({"Fn::GetAtt": [q, "Arn"]})) for a in consume for q in sources}
+    granted = {(action, sub_string(resource) or json.dumps(resource), json.dumps(st.get("Condition"), sort_keys=True))
+               for st in statements for action in as_list(st["Action"]) for resource in as_list(st["Resource"])}
+    out = f"arn:${{AWS::Partition}}:s3:::{bucket_name(template, 'OutputBucket')}"
+    none = json.dumps(None)
+    assert granted == {*((a, json.dumps({"Fn::GetAtt": [q, "Arn"]}), none) for a in consume for q in sources),
+                       # a dead-lettered session chunk is committed as skipped, with its checkpoint
+                       ("s3:GetObject", f"{out}/{SESSION_PREFIX}*", none), ("s3:PutObject", f"{out}/{SESSION_PREFIX}*", none),
+                       ("s3:ListBucket", out, json.dumps({"StringLike": {"s3:prefix": f"{SESSION_PREFIX}*"}}))}
+    assert fn_environment(template, res["FailureFunction"])["FACEFLOW_SESSION_TTL_S"] == {"Ref": "SessionTtlSeconds"}
 
 
 # --- video: queues, session notifications, policies -----------------------------------------

@@ -21,6 +21,7 @@ from urllib.parse import unquote_plus
 from faceflow import media
 
 from .aws import job_for_key, object_identity
+from .sessions import SESSION_ID
 
 _TIMED_OUT = re.compile(r"Task timed out after (?P<seconds>[0-9.]+) seconds")
 _KILLED = ("signal: killed", "signal 9", "Runtime.OutOfMemory", "out of memory")
@@ -29,8 +30,8 @@ SERVICE_ERROR_ADVICE = "upload it again later; if it fails again, report the job
 
 @dataclass(frozen=True)
 class Failure:
-    """One job to mark failed (`job_id`), or only to log (`job_id` None: a stream session's
-    chunk, which has no job record), with the reason."""
+    """One job to mark failed (`job_id`), or a stream session's chunk to skip (`job_id` None,
+    `detail` has the session id and seq), with the reason."""
     kind: str              # "async", "chunk", "merge", "session-chunk"
     reason: str
     job_id: str | None = None
@@ -113,15 +114,17 @@ def classify(body: Any) -> str:
 
 
 def from_session_chunk(body: dict) -> list[Failure]:
-    """A stream session's chunk that was dead-lettered: nothing to mark (sessions have no job
-    record); the failure is logged with the session id and seq (ids, not the key) for the
-    operator."""
+    """A stream session's chunk that was dead-lettered. Sessions have no job record: the
+    chunk is skipped (`detail` names the session id and seq: ids, never the key), so the
+    session goes on from the state before it instead of waiting for it forever."""
     out = []
     for record in body.get("Records") or []:
         key = unquote_plus(str(((record.get("s3") or {}).get("object") or {}).get("key") or ""))
         parts = key.split("/")
-        detail = ({"session_id": parts[1], "seq": parts[2].split(".")[0]}
-                  if len(parts) == 3 and parts[0] == "sessions" and parts[2].split(".")[0].isdigit() else {})
-        out.append(Failure("session-chunk", "the session chunk failed on every attempt (timed out, ran out of "
-                                            "memory or an internal error); the session waits for it", None, detail))
+        stem = parts[2].split(".")[0] if len(parts) == 3 else ""
+        if parts[0] != "sessions" or not stem.isdigit() or not SESSION_ID.match(parts[1]):
+            continue
+        out.append(Failure("session-chunk", "the chunk failed on every attempt (timed out, ran out of memory or an "
+                                            "internal error) and was skipped: it has no output",
+                           None, {"session_id": parts[1], "seq": int(stem)}))
     return out

@@ -3,8 +3,11 @@
 SQS records from Lambda's on-failure destination (the stills and split functions' S3 events
 whose retries are spent) and from the chunk queues' dead-letter queues
 (functions.common.failures reads them). A job that is done, or failed already with its own
-reason (a refused upload), keeps its record. A record that is none of these is logged and
-dropped (a retry would not help); a Redis error fails the record, and SQS brings it back.
+reason (a refused upload), keeps its record. A stream session's chunk is skipped: committed
+with a failed result and the state before it, as the session function does with a chunk it
+cannot decode, so the chunks after it run. A record that is none of these is logged and
+dropped (a retry would not help); a Redis error, or a session chunk another worker holds,
+fails the record, and SQS brings it back.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.common import failures
 from functions.common.aws import Adapters, make_tracer
-from functions.common.sessions import VideoJobs
+from functions.video.config import VideoSettings
+from functions.common.sessions import BUSY, DUPLICATE, PROCESS, S3Checkpoints, SessionStore, VideoJobs
 
 logger = Logger(service="faceflow-failures")
 tracer = make_tracer("faceflow-failures")
@@ -26,10 +30,34 @@ metrics = Metrics(namespace="faceflow", service="faceflow-failures")
 
 adapters = Adapters()
 _batch = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+SKIP_LOCK_MS = 30_000  # the function's timeout: a skip never outlives it
 
 
 def _video_jobs() -> VideoJobs:
     return VideoJobs(adapters.redis, adapters.settings.job_ttl_s, job_prefix=adapters.jobs.prefix)
+
+
+class SessionChunkBusy(RuntimeError):
+    """Another worker holds the chunk: try again later."""
+
+
+def _sessions() -> SessionStore:
+    return SessionStore(adapters.redis, VideoSettings.from_env().session_ttl_s,
+                        S3Checkpoints(adapters.s3, adapters.settings.output_bucket))
+
+
+def skip_session_chunk(session_id: str, seq: int, reason: str) -> str:
+    """Commit the chunk as failed, the state passing through; what became of it."""
+    store = _sessions()
+    claim = store.claim(session_id, seq, SKIP_LOCK_MS)
+    if claim.status == DUPLICATE:
+        return "done already"
+    if claim.status == BUSY:
+        raise SessionChunkBusy(f"session chunk {seq} is held by a worker")
+    if claim.status != PROCESS:  # its predecessor is missing: the session waits for that one
+        return "waiting for an earlier chunk"
+    store.commit(claim, claim.state, {"session_id": session_id, "seq": seq, "status": "failed", "error": reason})
+    return "skipped"
 
 
 def _failures(body: object) -> list[failures.Failure]:
@@ -57,9 +85,10 @@ def _record(record: SQSRecord) -> list[dict]:
     for failure in found:
         extra = {"kind": failure.kind, **(failure.detail or {})}
         if failure.job_id is None:
-            logger.error(failure.reason, extra=extra)
+            outcome = skip_session_chunk(extra["session_id"], extra["seq"], failure.reason)
+            logger.error("session chunk failed", extra={**extra, "reason": failure.reason, "outcome": outcome})
             metrics.add_metric(name="SessionChunksFailed", unit=MetricUnit.Count, value=1)
-            results.append({"kind": failure.kind, "status": "logged"})
+            results.append({**extra, "status": outcome})
             continue
         kept = adapters.jobs.fail_unless_finished(failure.job_id, failure.reason, stage=failure.kind)
         if kept:
