@@ -205,7 +205,7 @@ def test_a_dead_lettered_session_chunk_is_skipped_so_the_session_goes_on(redis_s
     assert app.handler(dead, Context()) == {"batchItemFailures": []}
     skipped = store.claim("cam-1", 1, 5000)
     assert skipped.status == DUPLICATE and skipped.result["status"] == "failed"
-    assert "skipped" in skipped.result["error"]
+    assert "skipped" in skipped.result["error"] and (skipped.result["session_id"], skipped.result["seq"]) == ("cam-1", 1)
     after = store.claim("cam-1", 2, 5000)
     assert after.status == PROCESS and after.state == {"frame": 10}  # the state before the skipped chunk
     store.release(after)

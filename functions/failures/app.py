@@ -22,7 +22,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from functions.common import failures
 from functions.common.aws import Adapters, make_tracer
 from functions.video.config import VideoSettings
-from functions.common.sessions import BUSY, DUPLICATE, PROCESS, S3Checkpoints, SessionStore, VideoJobs
+from functions.common.sessions import BUSY, S3Checkpoints, SessionStore, VideoJobs
 
 logger = Logger(service="faceflow-failures")
 tracer = make_tracer("faceflow-failures")
@@ -38,26 +38,12 @@ def _video_jobs() -> VideoJobs:
 
 
 class SessionChunkBusy(RuntimeError):
-    """Another worker holds the chunk: try again later."""
+    """A worker holds the session chunk right now: the record comes back later."""
 
 
 def _sessions() -> SessionStore:
     return SessionStore(adapters.redis, VideoSettings.from_env().session_ttl_s,
                         S3Checkpoints(adapters.s3, adapters.settings.output_bucket))
-
-
-def skip_session_chunk(session_id: str, seq: int, reason: str) -> str:
-    """Commit the chunk as failed, the state passing through; what became of it."""
-    store = _sessions()
-    claim = store.claim(session_id, seq, SKIP_LOCK_MS)
-    if claim.status == DUPLICATE:
-        return "done already"
-    if claim.status == BUSY:
-        raise SessionChunkBusy(f"session chunk {seq} is held by a worker")
-    if claim.status != PROCESS:  # its predecessor is missing: the session waits for that one
-        return "waiting for an earlier chunk"
-    store.commit(claim, claim.state, {"session_id": session_id, "seq": seq, "status": "failed", "error": reason})
-    return "skipped"
 
 
 def _failures(body: object) -> list[failures.Failure]:
@@ -85,7 +71,10 @@ def _record(record: SQSRecord) -> list[dict]:
     for failure in found:
         extra = {"kind": failure.kind, **(failure.detail or {})}
         if failure.job_id is None:
-            outcome = skip_session_chunk(extra["session_id"], extra["seq"], failure.reason)
+            result = {**failure.detail, "status": "failed", "error": failure.reason}
+            outcome = _sessions().skip(failure.detail["session_id"], failure.detail["seq"], result, SKIP_LOCK_MS)
+            if outcome == BUSY:
+                raise SessionChunkBusy(f"session chunk {failure.detail['seq']} is held by a worker")
             logger.error("session chunk failed", extra={**extra, "reason": failure.reason, "outcome": outcome})
             metrics.add_metric(name="SessionChunksFailed", unit=MetricUnit.Count, value=1)
             results.append({**extra, "status": outcome})
