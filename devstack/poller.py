@@ -41,7 +41,7 @@ log = logging.getLogger("devstack.poller")
 class Delivery:
     """One message taken from the queue: what was done with it."""
     message_id: str
-    receive_count: int
+    receive_count: int  # SQS: the receive; asynchronous invocations: the attempt (1, 2, 3)
     body: Any
     event: dict | None = None
     result: InvokeResult | None = None
@@ -69,6 +69,7 @@ class AsyncPoller:
         self.on_failure_url = on_failure_url
         self.function_arn = function_arn
         self.name = name
+        self._handed_back: dict[str, int] = {}  # message id → receives handed back while paused
         self.deliveries: list[Delivery] = []
         self._cv = threading.Condition()
         self._paused = False
@@ -157,6 +158,8 @@ class AsyncPoller:
                     self._busy = True
             if hand_back:
                 self._change_visibility(message["ReceiptHandle"], 0)
+                # a receive, but no attempt: Lambda counts invocations
+                self._handed_back[message["MessageId"]] = self._handed_back.get(message["MessageId"], 0) + 1
                 continue
             try:
                 self._handle(message)
@@ -167,7 +170,8 @@ class AsyncPoller:
 
     def _handle(self, message: dict) -> None:
         receipt = message["ReceiptHandle"]
-        count = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+        count = (int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+                 - self._handed_back.get(message["MessageId"], 0))
         try:
             body = json.loads(message["Body"])
         except ValueError:
