@@ -1,12 +1,13 @@
 """faceflow's local stack for development and tests, made of real processes:
 
-- moto_server (S3, SQS, ...) and redis-server on free loopback ports,
-- the input and output buckets, an SQS queue with a dead-letter queue, and the input
-  bucket's s3:ObjectCreated:* notifications (template.yaml's filters: uploads/ + image
-  suffixes) wired to the queue,
-- each function as `python -m awslambdaric HANDLER` talking to its own Lambda Runtime API
-  stand-in (`runtime_api.RuntimeAPI`), restarted when it exits,
-- an SQS → stills poller (S3 notifications, as an S3 trigger delivers them),
+- moto_server (S3, SQS, SNS, ...) and a Redis server on free loopback ports,
+- the input and output buckets, template.yaml's queues (with their redrive policies) and
+  topics, and the input bucket's s3:ObjectCreated:* notifications (template.yaml's filters),
+- every function of template.yaml as `python -m awslambdaric HANDLER` talking to its own
+  Lambda Runtime API stand-in (`runtime_api.RuntimeAPI`), restarted when it exits,
+- the deliveries: S3 → stills and split as asynchronous invocations (retries, then the
+  on-failure destination), SQS event source mappings (chunk worker, session chunks, the
+  failure function), SNS → the GPU result function,
 - an API Gateway HTTP API (payload 2.0) stand-in in front of the api function (template.yaml's
   routes; optional JWT or IAM caller identity).
 
@@ -19,7 +20,7 @@
 from .events import normalize_s3_event, s3_event
 from .functions import LambdaFunction
 from .http_api import HttpApi, build_event, make_jwt, sigv4_headers
-from .poller import Delivery, SqsS3Poller
+from .poller import AsyncPoller, Delivery, SqsEventSource, SqsS3Poller
 from .procs import DevstackError, free_port
 from .runtime_api import FunctionInitError, InvokeResult, RuntimeAPI
 from .services import MotoServer, RedisServer, missing_tools
@@ -32,6 +33,6 @@ def skip_reason() -> str | None:
     return "; ".join(problems) if problems else None
 
 
-__all__ = ["Stack", "InvokeResult", "RuntimeAPI", "LambdaFunction", "HttpApi", "SqsS3Poller", "Delivery",
+__all__ = ["Stack", "InvokeResult", "RuntimeAPI", "LambdaFunction", "HttpApi", "SqsS3Poller", "AsyncPoller", "SqsEventSource", "Delivery",
            "MotoServer", "RedisServer", "DevstackError", "FunctionInitError", "build_event", "make_jwt", "sigv4_headers",
            "normalize_s3_event", "s3_event", "free_port", "missing_tools", "skip_reason"]

@@ -38,15 +38,13 @@ import base64
 import json
 import logging
 import re
-import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qsl
 
-from .procs import LOOPBACK
+from .httpd import LoopbackServer, RequestHandler
 from .runtime_api import InvokeResult
 
 log = logging.getLogger("devstack.http_api")
@@ -252,32 +250,13 @@ def convert_response(result: InvokeResult) -> tuple[int, list[tuple[str, str]], 
     return 200, [("content-type", "application/json")], result.raw
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, api: "HttpApi"):
-        self.api = api
-        super().__init__((LOOPBACK, 0), _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
+class _Handler(RequestHandler):
+    """Clients' side of the HTTP API (the owner is the HttpApi)."""
     server_version = "devstack-http-api"
-    sys_version = ""
-
-    def version_string(self) -> str:
-        return self.server_version
-    server: _Server
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("http api: " + fmt, *args)
 
     def _too_large(self) -> bool:
         try:
-            return int(self.headers.get("Content-Length") or 0) > self.server.api.max_body_bytes
+            return int(self.headers.get("Content-Length") or 0) > self.owner.max_body_bytes
         except ValueError:
             return False
 
@@ -288,51 +267,13 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return super().handle_expect_100()
 
-    def _read_body(self) -> bytes | None:
-        limit = self.server.api.max_body_bytes
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks, total = [], 0
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                total += size
-                if total > limit:
-                    return None
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > limit:
-            # drain it (up to a point) so the client can read the 413 instead of a reset
-            left = length if length <= 8 * limit else 0
-            while left > 0:
-                chunk = self.rfile.read(min(left, 1 << 20))
-                if not chunk:
-                    break
-                left -= len(chunk)
-            return None
-        return self.rfile.read(length) if length else b""
-
     def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes, *, request_id: str,
                close: bool = False) -> None:
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("apigw-requestid", request_id)
-        self.send_header("Content-Length", str(len(body)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if body and self.command != "HEAD":
-            self.wfile.write(body)
-        self.wfile.flush()
+        self.reply(status, body, [*headers, ("apigw-requestid", request_id)], content_type=None, close=close)
 
     def _handle(self) -> None:
-        api = self.server.api
-        body = self._read_body()
+        api = self.owner
+        body = self.read_body(api.max_body_bytes)
         if body is None:
             self._reply(413, [("content-type", "application/json")], b'{"message":"Request Entity Too Large"}',
                         request_id="-", close=True)
@@ -364,29 +305,21 @@ class HttpApi:
         self.max_body_bytes = max_body_bytes
         self.account_id = account_id
         self.requests = 0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server = LoopbackServer(_Handler, self, "http-api")
 
     def start(self) -> None:
-        self._server = _Server(self)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="http-api", daemon=True)
-        self._thread.start()
+        self._server.start()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._server.stop()
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return self._server.port
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return self._server.url
 
     def handle(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
                source_ip: str) -> tuple[int, list[tuple[str, str]], bytes, str]:

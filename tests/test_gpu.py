@@ -1,18 +1,17 @@
 """The GPU worker (functions/gpu/server.py) and its Lambda side (functions/common/gpu.py).
 
 The worker runs as a real process (on CPU: there is no GPU here) against a real moto_server,
-both started here on free ports; the Lambda side submits to moto's sagemaker-runtime. Provider
+moto from conftest's devstack fixture, the worker started here on a free port; the Lambda side submits to moto's sagemaker-runtime. Provider
 choice, job parsing and notification parsing are tested as pure functions, and the worker's
 Dockerfile is checked without Docker (COPY sources, build context, the entrypoint imports).
 
-Skips with the reason when moto_server is missing."""
+Skips with the reason when moto_server is missing (fails in CI: see conftest)."""
 from __future__ import annotations
 
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,13 +27,12 @@ boto3 = pytest.importorskip("boto3", reason="boto3 not installed: pip install -e
 pytest.importorskip("aws_lambda_powertools", reason="Powertools not installed: pip install -e '.[functions]'")
 
 from conftest import ROOT, data_path  # noqa: E402
+from devstack.procs import free_port  # noqa: E402
 
 from functions.common import gpu  # noqa: E402
 from functions.gpu import server  # noqa: E402
 from functions.gpu.server import CPU, CUDA, TENSORRT, JobError, choose_providers, parse_job  # noqa: E402
 
-MOTO_SERVER = shutil.which("moto_server") or (str(Path(sys.executable).parent / "moto_server")
-                                              if (Path(sys.executable).parent / "moto_server").exists() else None)
 REGION = "us-east-1"
 INPUT_BUCKET, OUTPUT_BUCKET = "ff-gpu-input", "ff-gpu-output"
 BATCH = 4
@@ -133,12 +131,6 @@ def test_parse_job_refuses_bad_descriptors(body, message):
 
 # --- servers ------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -155,30 +147,6 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-
-
-@pytest.fixture(scope="module")
-def moto_url(tmp_path_factory):
-    if MOTO_SERVER is None:
-        pytest.skip("moto_server not found: pip install 'moto[server]'")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/moto-api/", timeout=1):
-                return True
-        except OSError:
-            return False
-    _wait(up, 60, "moto_server")
-    yield url
-    _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +200,7 @@ class Worker:
 
 @pytest.fixture(scope="module")
 def worker(aws_env, s3, model_dir, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("gpu") / "worker.log"
     env = {**os.environ, **aws_env,
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "shared")]),

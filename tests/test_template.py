@@ -363,7 +363,7 @@ def test_no_wildcard_actions_after_the_sam_transform(template, transformed):
     assert _check_statements(transformed) == []
     sqs_consumers = {f"{name}Role" for name, fn in functions(template).items()
                      if any(e["Type"] == "SQS" for e in fn["Properties"].get("Events", {}).values())}
-    assert sqs_consumers == {"ChunkWorkerFunctionRole", "SessionChunkFunctionRole"}
+    assert sqs_consumers == {"ChunkWorkerFunctionRole", "SessionChunkFunctionRole", "FailureFunctionRole"}
     for name, role in resources(transformed, "AWS::IAM::Role").items():
         managed = set(role["Properties"].get("ManagedPolicyArns", []))
         allowed = ALLOWED_MANAGED_POLICIES | ({SQS_EXECUTION_POLICY} if name in sqs_consumers else set())
@@ -518,6 +518,37 @@ def test_stills_failures_go_to_an_encrypted_queue(template):
     assert template["Resources"][queue]["Properties"]["SqsManagedSseEnabled"] is True
 
 
+def test_failed_work_reaches_the_failure_function(template, transformed):
+    """Every place where work fails for good feeds the failure function, which marks the job
+    failed: the asynchronous (S3-invoked) functions' on-failure destination and the chunk
+    queues' dead-letter queues. It may only consume those queues."""
+    res = template["Resources"]
+    fn = res["FailureFunction"]["Properties"]
+    assert fn["ImageConfig"]["Command"] == ["functions.failures.app.handler"]
+    sources = {e["Properties"]["Queue"]["Fn::GetAtt"][0] for e in fn["Events"].values() if e["Type"] == "SQS"}
+    destinations = {res[name]["Properties"]["EventInvokeConfig"]["DestinationConfig"]["OnFailure"]["Destination"]
+                    ["Fn::GetAtt"][0] for name in ("StillsFunction", "SplitFunction")}
+    dead_letters = {res[q]["Properties"]["RedrivePolicy"]["deadLetterTargetArn"]["Fn::GetAtt"][0]
+                    for q in ("ChunkQueue", "SessionChunkQueue")}
+    assert sources == destinations | dead_letters
+    for event in fn["Events"].values():
+        assert event["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    for queue in sources:  # Lambda refuses a queue whose visibility timeout is below the function's
+        assert res[queue]["Properties"]["VisibilityTimeout"] >= 6 * fn["Timeout"], queue
+        assert "RedrivePolicy" not in res[queue]["Properties"], queue  # the last stop
+    consume = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"}
+    statements = [st for policy in fn["Policies"] for st in policy["Statement"]]
+    granted = {(action, sub_string(resource) or json.dumps(resource), json.dumps(st.get("Condition"), sort_keys=True))
+               for st in statements for action in as_list(st["Action"]) for resource in as_list(st["Resource"])}
+    out = f"arn:${{AWS::Partition}}:s3:::{bucket_name(template, 'OutputBucket')}"
+    none = json.dumps(None)
+    assert granted == {*((a, json.dumps({"Fn::GetAtt": [q, "Arn"]}), none) for a in consume for q in sources),
+                       # a dead-lettered session chunk is committed as skipped, with its checkpoint
+                       ("s3:GetObject", f"{out}/{SESSION_PREFIX}*", none), ("s3:PutObject", f"{out}/{SESSION_PREFIX}*", none),
+                       ("s3:ListBucket", out, json.dumps({"StringLike": {"s3:prefix": f"{SESSION_PREFIX}*"}}))}
+    assert fn_environment(template, res["FailureFunction"])["FACEFLOW_SESSION_TTL_S"] == {"Ref": "SessionTtlSeconds"}
+
+
 # --- video: queues, session notifications, policies -----------------------------------------
 
 def test_session_queue_accepts_only_the_input_buckets_notifications(template):
@@ -542,7 +573,7 @@ def test_sqs_event_sources_report_batch_item_failures_and_have_dead_letter_queue
     seen = {}
     for fn_name, fn in functions(template).items():
         for ev_name, event in fn["Properties"].get("Events", {}).items():
-            if event["Type"] == "SQS":
+            if event["Type"] == "SQS" and fn_name != "FailureFunction":
                 seen[fn_name] = event["Properties"]
     assert set(seen) == set(expected)
     for fn_name, (queue, batch, receives) in expected.items():
@@ -558,9 +589,9 @@ def test_sqs_event_sources_report_batch_item_failures_and_have_dead_letter_queue
         dlq = redrive["deadLetterTargetArn"]["Fn::GetAtt"][0]
         assert res[dlq]["Properties"]["SqsManagedSseEnabled"] is True, dlq
         assert res[dlq]["Properties"]["MessageRetentionPeriod"] == 1209600, dlq
-    # And after the transform, on every event source mapping.
+    # And after the transform, on every event source mapping (the failure function's three too).
     mappings = resources(transformed, "AWS::Lambda::EventSourceMapping")
-    assert len(mappings) == len(expected)
+    assert len(mappings) == len(expected) + 3
     for name, mapping in mappings.items():
         assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"], name
 

@@ -1,21 +1,18 @@
-"""Video at scale on Lambda: functions/common/sessions.py and functions/video/app.py against a
-real redis-server and a real moto_server (S3, SQS), each started here on a free port. The
+"""Video at scale on Lambda: functions/common/sessions.py and the video handlers (functions/video/) against a
+real Redis server and a real moto_server (S3, SQS), from conftest's devstack fixtures. The
 handlers run in-process with real-shaped events; nothing is mocked.
 
-Skips with the reason when redis-server or moto_server is missing."""
+Skips with the reason when a server is missing (fails in CI: see conftest)."""
 from __future__ import annotations
 
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,19 +21,12 @@ redis = pytest.importorskip("redis", reason="redis-py not installed: pip install
 boto3 = pytest.importorskip("boto3", reason="boto3 not installed: pip install -e '.[functions]'")
 
 from conftest import ROOT, data_path  # noqa: E402
+from devstack.procs import wait_until  # noqa: E402
 
 from functions.common.sessions import (  # noqa: E402
     ALREADY_DONE, BUSY, COMMITTED, DUPLICATE, NOT_YET, PROCESS, SessionError,
     SessionStore, VideoJobs,
 )
-
-REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
-MOTO_SERVER = shutil.which("moto_server") or (str(Path(sys.executable).parent / "moto_server")
-                                              if (Path(sys.executable).parent / "moto_server").exists() else None)
-if REDIS_SERVER is None:
-    pytest.skip("redis-server not found: apt-get install redis-server", allow_module_level=True)
-if MOTO_SERVER is None:
-    pytest.skip("moto_server not found: pip install 'moto[server]'", allow_module_level=True)
 
 REGION = "us-east-1"
 INPUT_BUCKET, OUTPUT_BUCKET = "ff-video-input", "ff-video-output"
@@ -45,96 +35,6 @@ VIDEO_MODULES = ("functions.common.videoruntime", "functions.common.videojobs", 
                  "functions.common.streams", "functions.video.split", "functions.video.chunk_worker",
                  "functions.video.session_chunk", "functions.video.merge", "functions.video.gpu_result")
 CLIP = ("video", "pyfeat_WolfgangLanger_Pexels.mp4")
-
-
-# --- servers ----------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class RedisProc:
-    """redis-server without persistence on a fixed port: kill() loses everything, start()
-    brings an empty one back on the same port."""
-
-    def __init__(self, log: Path):
-        self.port, self.log, self.proc = _free_port(), log, None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                                          "--save", "", "--appendonly", "no"],
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-
-        def up():
-            try:
-                return client.ping()
-            except redis.ConnectionError:
-                return False
-        _wait(up, 15, "redis-server")
-        client.close()
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisProc(tmp_path_factory.mktemp("redis") / "redis.log")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def moto_url(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/moto-api/", timeout=1):
-                return True
-        except OSError:
-            return False
-    _wait(up, 60, "moto_server")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture()
@@ -686,7 +586,7 @@ def test_worker_killed_mid_chunk_is_retried_after_lock_expiry(app, s3, clip_spli
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     lock = f"faceflow:session:{sid}:lock"
     try:
-        _wait(lambda: rdb.exists(lock) or proc.poll() is not None, 120, "the worker to take the chunk")
+        wait_until(lambda: rdb.exists(lock) or proc.poll() is not None, 120, what="the worker to take the chunk")
         time.sleep(0.3)                                        # well inside the chunk's processing
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         os.killpg(proc.pid, signal.SIGKILL)
@@ -699,7 +599,7 @@ def test_worker_killed_mid_chunk_is_retried_after_lock_expiry(app, s3, clip_spli
     assert app.runtime.sessions.get(sid)["next_seq"] == 0     # nothing committed
     with pytest.raises(app.ChunkNotReady, match="busy"):       # the lock still holds: retry later
         app.session_chunk_handler(event, Context())
-    _wait(lambda: not rdb.exists(lock), 10, "the dead worker's lock to expire")
+    wait_until(lambda: not rdb.exists(lock), 10, what="the dead worker's lock to expire")
     assert app.session_chunk_handler(event, Context())["results"][0]["status"] == "done"
     assert app.runtime.sessions.get(sid)["next_seq"] == 1
     assert _faces_by_frame(_report(s3, f"sessions/{sid}/0.json")) == _faces_by_frame(ordered_session[1][0])

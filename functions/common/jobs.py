@@ -68,3 +68,24 @@ class JobStore:
         for name in ("created", "updated"):
             job[name] = float(job[name])
         return job
+
+    # Sets the fields only while the job is neither done nor failed (a failure found later
+    # must not overwrite a result, nor the job's own, more precise, refusal).
+    _FAIL_UNLESS_FINISHED = """
+    local status = redis.call('HGET', KEYS[1], 'status')
+    if status == 'done' or status == 'failed' then return status end
+    redis.call('HSETNX', KEYS[1], 'created', ARGV[2])
+    for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+    redis.call('EXPIRE', KEYS[1], ARGV[1])
+    return ''
+    """
+
+    def fail_unless_finished(self, job_id: str, error: str, **fields: Any) -> str | None:
+        """Mark the job failed with `error` unless it is done or failed already. Returns None
+        when it was marked, else the status it kept."""
+        now = str(time.time())
+        record = {"status": FAILED, "updated": now, "error": error}
+        record.update({k: json.dumps(v) if k in _JSON_FIELDS else str(v) for k, v in fields.items() if v is not None})
+        args = [self.ttl_s, now, *(item for pair in record.items() for item in pair)]
+        kept = self.client.eval(self._FAIL_UNLESS_FINISHED, 1, self._key(job_id), *args)
+        return kept or None

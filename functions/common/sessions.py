@@ -390,6 +390,17 @@ class SessionStore:
         if claim.token:
             self._scripts["release"](keys=self.keys(claim.session_id)[1:2], args=[claim.token])
 
+    def skip(self, session_id: str, seq: int, result: dict[str, Any], lock_ms: int) -> str:
+        """Commit chunk `seq` with `result` and the state before it, as if it had run without
+        faces (its worker failed for good): the session goes on. Returns what happened:
+        "skipped", DUPLICATE (it was done), NOT_YET (an earlier chunk is missing; nothing
+        changes) or BUSY (a worker holds it: try again later)."""
+        claim = self.claim(session_id, seq, lock_ms)
+        if claim.status != PROCESS:
+            return claim.status
+        self.commit(claim, claim.state, result)
+        return "skipped"
+
 
 # --- whole-video jobs -------------------------------------------------------------------------
 
