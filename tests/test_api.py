@@ -29,7 +29,7 @@ from faceflow import media  # noqa: E402
 MIB = 1024 * 1024
 PART = 5 * MIB          # S3's smallest part, so the test sends little
 THRESHOLD = 8 * MIB     # uploads from here on are multipart in this stack (100 MiB by default)
-ERROR_STATUSES = {"400", "404", "409", "413", "415"}
+ERROR_STATUSES = {"400", "404", "409", "410", "413", "415"}
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_JOB_ID = "6f1d2c3b4a5e4f60718293a4b5c6d7e8"  # the job of events/api_upload_status.json and ..._complete
 

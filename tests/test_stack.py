@@ -154,7 +154,7 @@ def test_a_video_timing_out_on_every_attempt_fails_its_job_with_the_reason(tmp_p
         assert job["error"].startswith(f"processing failed after 3 attempts: timed out after {SPLIT_TIMEOUT_S:g} s")
         assert "shorter video" in job["error"] and "raise the function timeout" in job["error"]
         status, _, body = stack.request("GET", f"/v1/jobs/{job_id}/result")
-        assert status == 409 and "timed out" in json.loads(body)["message"]
+        assert status == 410 and "timed out" in json.loads(body)["message"]
         attempts = [d for d in stack.pollers["split:s3"].deliveries if d.event]
         assert [d.outcome for d in attempts] == ["error"] * 3 and attempts[-1].gave_up
         assert all(d.result.error_type == "Sandbox.Timedout" for d in attempts)

@@ -246,6 +246,7 @@ ERROR_MEANINGS = {
     400: "bad request: malformed JSON or fields, or an image that cannot be read",
     404: "no such job for this caller",
     409: "the job is not in a state that allows this (not done yet, upload incomplete)",
+    410: "the job failed: its result will never exist (the message says why and what to do)",
     413: "too large",
     415: "unsupported Content-Type",
 }
@@ -467,9 +468,11 @@ def get_job(job_id: str) -> Job:
 
 
 @app.get("/v1/jobs/<job_id>/result", operation_id="getJobResult",
-         responses=answers(200, "download links of the result and its report", json_of(ResultLinks), 404, 409))
+         responses=answers(200, "download links of the result and its report", json_of(ResultLinks), 404, 409, 410))
 def get_result(job_id: str) -> ResultLinks:
     job = owned_job(job_id)
+    if job["status"] == FAILED:  # final: a client stops polling and acts on the reason
+        raise ServiceError(410, f"job {job_id} failed: {job.get('error') or 'no reason recorded'}")
     if job["status"] != DONE:
         raise ServiceError(409, f"job {job_id} is {job['status']}" +
                            (f": {job['error']}" if job.get("error") else ""))
