@@ -18,8 +18,9 @@ a face in a mask, at most 3 more passes), images.encode. A second table splits d
 its letterbox (resize + float blob), onnxruntime run and output decoding, and mask+verify
 into the masks alone and the number of verify passes.
 
-The image is /work/shared/data/images/vladmandic_sample2.jpg (1920x1367, 3 faces); if
-it is missing, pyfeat_multi_face.jpg upscaled to 1920 px wide (JPEG q92) is used instead.
+The image is ../shared/data/images/vladmandic_sample2.jpg beside the checkout (1920x1367,
+3 faces); if it is missing, pyfeat_multi_face.jpg upscaled to 1920 px wide (JPEG q92) is
+used instead.
 Target (printed, not enforced): p50 <= 60 ms.
 """
 from __future__ import annotations
