@@ -248,10 +248,12 @@ def request_image() -> bytes:
 @app.post("/v1/analyze")
 @tracer.capture_method(capture_response=False)
 def analyze() -> dict:
-    from faceflow.images import BadInput
+    from faceflow.images import BadInput, TooLarge
     data = request_image()  # size-checked before the engine is even loaded
     try:
-        record = engine().analyze_bytes(data, source="request")
+        record = engine().analyze_bytes(data, source="request", memory_bytes=adapters.settings.memory_bytes)
+    except TooLarge as exc:
+        raise ServiceError(413, str(exc)) from None
     except BadInput as exc:
         raise BadRequestError(str(exc)) from None
     metrics.add_metric(name="FacesFound", unit=MetricUnit.Count, value=len(record["faces"]))
@@ -266,10 +268,13 @@ def analyze() -> dict:
 def anonymize(method: Annotated[str, Query(pattern="^(blur|pixelate|solid)$")] = "blur",
               shape: Annotated[str, Query(pattern="^(ellipse|box)$")] = "ellipse"):
     from faceflow.anonymize import MaskOptions
-    from faceflow.images import BadInput
+    from faceflow.images import BadInput, TooLarge
     data = request_image()
     try:
-        result = engine().anonymize_bytes(data, MaskOptions(method=method, shape=shape), source="request")
+        result = engine().anonymize_bytes(data, MaskOptions(method=method, shape=shape), source="request",
+                                          memory_bytes=adapters.settings.memory_bytes)
+    except TooLarge as exc:
+        raise ServiceError(413, str(exc)) from None
     except BadInput as exc:
         raise BadRequestError(str(exc)) from None
     faces = len(result.report["faces"])
