@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,25 @@ def _png_layout(data: bytes) -> tuple[int, int]:
     return channels, 2 if depth == 16 else 1
 
 
+def _png_orientation(data: bytes) -> int:
+    """EXIF orientation from a PNG's eXIf chunk, found by walking the chunk headers: Pillow's
+    getexif() decodes the whole image to look past IDAT for it."""
+    at = 8
+    while at + 8 <= len(data):
+        length, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8]
+        if kind == b"eXIf":
+            exif = Image.Exif()
+            try:
+                exif.load(data[at + 8:at + 8 + length])
+            except (OSError, ValueError, SyntaxError, struct.error):
+                return 1
+            return exif.get(0x0112, 1)
+        if kind == b"IEND":
+            break
+        at += 12 + length
+    return 1
+
+
 def header(data: bytes) -> Header:
     """The format, size and layout from the header, without decoding pixels. Works on a
     prefix of the file too (enough to hold the header)."""
@@ -133,7 +153,12 @@ def header(data: bytes) -> Header:
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (w, h), mode = im.format, im.size, im.mode
-            orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "WEBP", "PNG", "AVIF") else 1
+            if fmt == "PNG":
+                orientation = _png_orientation(data)
+            elif fmt in ("JPEG", "WEBP", "AVIF"):
+                orientation = im.getexif().get(0x0112, 1)
+            else:
+                orientation = 1
             # HEIF: pillow-heif applies the file's rotation (irot/imir, which a phone writes from
             # its EXIF orientation) itself and reports orientation 1.
             frames = getattr(im, "n_frames", 1) if fmt == "GIF" else 1

@@ -1,0 +1,143 @@
+"""Memory: a still is processed within the function's memory or refused before it is decoded.
+
+Each case runs the functions' path in a child process (settings from
+AWS_LAMBDA_FUNCTION_MEMORY_SIZE, the engine, anonymize_bytes or analyze_bytes) and reads the
+child's peak RSS. The images are made here, streamed to disk, so this process stays small.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from faceflow import images
+from stills_data import write_large_png
+
+MiB = 1024 * 1024
+
+CHILD = r"""
+import json, resource, sys
+from functions.common.settings import function_memory_bytes
+from faceflow.engine import Engine
+from faceflow.images import TooLarge
+
+operation, path = sys.argv[1], sys.argv[2]
+data = open(path, "rb").read()
+engine = Engine()
+try:
+    if operation == "anonymize":
+        result = engine.anonymize_bytes(data, memory_bytes=function_memory_bytes())
+        record = {"status": "done", "format": result.format, "bytes": len(result.data), **result.report}
+    else:
+        record = {"status": "done", **engine.analyze_bytes(data, memory_bytes=function_memory_bytes())}
+except TooLarge as exc:
+    record = {"status": "refused", "error": str(exc)}
+record["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(record))
+"""
+
+
+def run_as_function(operation: str, path, memory_mb: int, model_dir) -> dict:
+    env = {**os.environ, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(memory_mb),
+           "FACEFLOW_MODEL_DIR": str(model_dir),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "shared")])}
+    env.pop("FACEFLOW_MEMORY_MB", None)
+    done = subprocess.run([sys.executable, "-c", CHILD, operation, str(path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def large_png_16bit(tmp_path_factory, astronaut_bgr):
+    """10000 x 10000 16-bit RGBA: about 2 MB on disk, 800 MB decoded."""
+    path = tmp_path_factory.mktemp("memory") / "large16.png"
+    write_large_png(path, astronaut_bgr)
+    return path
+
+
+@pytest.fixture(scope="module")
+def large_jpeg(tmp_path_factory, astronaut_bgr):
+    """10000 x 10000 JPEG (300 MB decoded), made in a child so this process does not hold it."""
+    path = tmp_path_factory.mktemp("memory") / "large.jpg"
+    face = tmp_path_factory.mktemp("memory") / "face.png"
+    cv2.imwrite(str(face), astronaut_bgr)
+    script = ("import sys, cv2, numpy as np\n"
+              "face = cv2.resize(cv2.imread(sys.argv[1]), (2000, 2000))\n"
+              "big = np.full((10000, 10000, 3), 128, np.uint8)\n"
+              "big[4000:6000, 4000:6000] = face\n"
+              "assert cv2.imwrite(sys.argv[2], big, [cv2.IMWRITE_JPEG_QUALITY, 90])\n")
+    subprocess.run([sys.executable, "-c", script, str(face), str(path)], check=True, timeout=300)
+    return path
+
+
+def assert_within(record: dict, memory_mb: int):
+    # the margin the budget keeps free (images.MEMORY_MARGIN) is left untouched
+    limit = memory_mb * (1 - images.MEMORY_MARGIN)
+    assert record["peak_mb"] < limit, f"peak {record['peak_mb']:.0f} MB, limit {limit:.0f} MB of {memory_mb} MB"
+
+
+@pytest.mark.parametrize("memory_mb", [2048, 512])
+def test_what_does_not_fit_is_refused_before_decoding(memory_mb, large_png_16bit, model_dir):
+    record = run_as_function("anonymize", large_png_16bit, memory_mb, model_dir)
+    assert record["status"] == "refused", {k: v for k, v in record.items() if k != "faces"}
+    assert "10000x10000 16-bit PNG needs about" in record["error"] and "MB available" in record["error"]
+    # decoding would have taken 800 MB for the pixels alone
+    assert record["peak_mb"] < 400, record
+
+
+def test_large_png_is_processed_within_a_larger_function(large_png_16bit, model_dir):
+    record = run_as_function("anonymize", large_png_16bit, 4096, model_dir)
+    assert record["status"] == "done", record
+    assert (record["width"], record["height"], record["format"]) == (10000, 10000, "PNG")
+    assert len(record["faces"]) == 1, record["faces"]
+    assert_within(record, 4096)
+
+
+def test_large_jpeg_is_anonymised_within_the_function_memory(large_jpeg, model_dir):
+    record = run_as_function("anonymize", large_jpeg, 2048, model_dir)
+    assert record["status"] == "done", record
+    assert len(record["faces"]) == 1, record["faces"]
+    x, y, w, h = record["faces"][0]["box"]
+    assert 4000 < x + w / 2 < 6000 and 4000 < y + h / 2 < 6000  # in the full image's pixels
+    assert_within(record, 2048)
+
+
+def test_large_jpeg_is_analysed_from_a_reduced_decode_in_a_small_function(large_jpeg, model_dir):
+    # 512 MB could not hold the full decode (300 MB) beside the runtime: analyze decodes at 1/4
+    with open(large_jpeg, "rb") as f:
+        head = images.header(f.read())
+    assert images.memory_needed(head) > images.pixel_budget(512 * MiB)
+    record = run_as_function("analyze", large_jpeg, 512, model_dir)
+    assert record["status"] == "done", record
+    assert (record["width"], record["height"]) == (10000, 10000)
+    assert len(record["faces"]) == 1
+    x, y, w, h = record["faces"][0]["box"]
+    assert 4000 < x + w / 2 < 6000 and 4000 < y + h / 2 < 6000 and w > 200  # not 1/4 size
+    assert_within(record, 512)
+
+
+def test_memory_estimate_counts_every_copy():
+    head = images.Header("PNG", 10000, 10000, channels=4, sample_bytes=2)
+    pixels = 10000 * 10000 * 4 * 2
+    assert images.memory_needed(head) == pixels + 2 * pixels  # the PNG encoder's buffer and its bytes
+    turned = images.Header("JPEG", 4000, 3000, orientation=6)
+    assert images.memory_needed(turned) == 2 * 4000 * 3000 * 3  # the turned copy, or the encoder's
+    assert images.memory_needed(turned, scale=4) == 1000 * 750 * 3
+    gif = images.Header("GIF", 500, 400, frames=10)
+    assert images.memory_needed(gif) == 10 * 500 * 400 * 3 + 10 * 500 * 400 * 8
+
+
+def test_to_bgr8_converts_16bit_rgba_without_full_size_temporaries():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 65536, (1000, 700, 4), dtype=np.uint16)
+    expected = cv2.cvtColor((pixels >> 8).astype(np.uint8), cv2.COLOR_BGRA2BGR)
+    assert np.array_equal(images.to_bgr8(pixels), expected)
+    gray = rng.integers(0, 65536, (300, 200), dtype=np.uint16)
+    assert np.array_equal(images.to_bgr8(gray), cv2.cvtColor((gray >> 8).astype(np.uint8), cv2.COLOR_GRAY2BGR))
