@@ -95,11 +95,15 @@ PHONE_FORMATS = [("HEIF", ".heic", "image/heic"), ("HEIF", ".heif", "image/heif"
                  ("AVIF", ".avif", "image/avif")]
 
 
-def test_phone_formats_are_known_to_media():
+def test_phone_formats_are_known_to_media_and_the_upload_settings():
+    from functions.common.settings import UPLOAD_CONTENT_TYPES
     for fmt, ext, media_type in PHONE_FORMATS:
         assert media.IMAGE_EXTENSIONS[ext] == fmt
         assert media.kind_of(f"photo{ext.upper()}") == "image"
         assert media.media_type_for(f"IMG_0001{ext}") == media_type
+        assert UPLOAD_CONTENT_TYPES[ext] == media_type  # what a presigned upload is signed with
+    assert UPLOAD_CONTENT_TYPES[".jpg"] == UPLOAD_CONTENT_TYPES[".jpeg"] == "image/jpeg"
+    assert UPLOAD_CONTENT_TYPES[".gif"] == "image/gif"
 
 
 @pytest.mark.parametrize("fmt,ext", [("HEIF", ".heic"), ("AVIF", ".avif")])

@@ -28,7 +28,7 @@ UPLOAD_PREFIX = "uploads/"   # the input bucket's trigger prefix
 RESULT_PREFIX = "results/"   # where results go in the output bucket
 # The suffixes the input bucket's stills trigger fires for (template.yaml's S3 filters, either
 # case) and the Content-Type of each; tests check the template agrees.
-UPLOAD_CONTENT_TYPES = {ext: media.media_type_for(ext) for ext in media.IMAGE_EXTENSIONS}
+UPLOAD_CONTENT_TYPES = {ext: media.extension_media_type(ext) for ext in media.IMAGE_EXTENSIONS}
 
 
 @dataclass(frozen=True)
