@@ -129,7 +129,7 @@ def test_memory_estimate_counts_every_copy():
     assert images.memory_needed(head) == pixels + 2 * pixels  # the PNG encoder's buffer and its bytes
     turned = images.Header("JPEG", 4000, 3000, orientation=6)
     assert images.memory_needed(turned) == 2 * 4000 * 3000 * 3  # the turned copy, or the encoder's
-    assert images.memory_needed(turned, scale=4) == 1000 * 750 * 3
+    assert images.memory_needed(turned, scale=4) == 2 * 1000 * 750 * 3  # decoded, then turned
     gif = images.Header("GIF", 500, 400, frames=10)
     assert images.memory_needed(gif) == 10 * 500 * 400 * 3 + 10 * 500 * 400 * 8
 

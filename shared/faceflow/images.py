@@ -38,9 +38,9 @@ pillow_heif.register_heif_opener()
 # Formats decoded and encoded through Pillow rather than OpenCV.
 PIL_FORMATS = ("HEIF", "AVIF")
 
-# Memory: what the process holds besides the image (interpreter, onnxruntime and the models,
-# the AWS libraries; about 200 MB measured in the functions) and the share of the rest kept
-# free for what the estimate below does not see (allocator slack, the encoded input and output).
+# Memory: what the process holds besides the image (interpreter, onnxruntime and the model:
+# about 90 MB measured, plus the functions' AWS libraries) and the share of the rest kept free
+# for what the estimate below does not see (allocator slack, the request and its response).
 RESERVED_BYTES = 256 * 1024 * 1024
 MEMORY_MARGIN = 0.15
 MiB = 1024 * 1024
@@ -111,11 +111,6 @@ class Header:
     channels: int = 3     # channels as decoded: 1 gray, 3 BGR, 4 BGRA
     sample_bytes: int = 1  # 2 for 16-bit PNG
     frames: int = 1       # GIF frames
-
-    @property
-    def pixel_bytes(self) -> int:
-        """The decoded pixels of every frame."""
-        return self.width * self.height * self.channels * self.sample_bytes * self.frames
 
 
 def _png_layout(data: bytes) -> tuple[int, int]:
@@ -200,8 +195,8 @@ def _check_complete(data: bytes, fmt: str) -> None:
 # --- memory --------------------------------------------------------------------------------------
 
 def memory_limit() -> int:
-    """The memory this process may use, in bytes: FACEFLOW_MEMORY_MB when set (the functions
-    set it from their configured memory), else the machine's physical memory."""
+    """The memory this process may use, in bytes, when the caller names none (the functions
+    pass their configured memory): FACEFLOW_MEMORY_MB when set, else the machine's memory."""
     configured = os.environ.get("FACEFLOW_MEMORY_MB")
     if configured:
         return int(configured) * MiB
@@ -230,7 +225,7 @@ def memory_needed(head: Header, out_format: str | None = None, scale: int = 1) -
     area = -(-head.width // scale) * -(-head.height // scale)
     if scale > 1:  # OpenCV decodes a reduced JPEG directly, PNG and WebP at full size first
         full = 0 if head.format == "JPEG" else head.width * head.height * 4 * head.sample_bytes
-        return area * 3 + full
+        return area * 3 * (2 if head.orientation != 1 else 1) + full
     frame = area * head.channels * head.sample_bytes
     pixels = frame * head.frames
     decoding = frame if head.orientation != 1 else 0
