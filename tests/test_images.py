@@ -324,3 +324,24 @@ def test_detect_batch_equals_single_detections(engine, astronaut_bgr):
                 assert np.allclose(a.landmarks, b.landmarks, atol=1.0)
     # The two images give different faces: results are not mixed up between the slots.
     assert not np.allclose(batch[0][0].box, batch[1][0].box, atol=5)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", ["pyfeat_multi_face.jpg", "ultralytics_bus.jpg"])
+def test_analysis_of_a_large_photo_from_a_reduced_decode_finds_the_same_faces(name, engine):
+    """analyze decodes a large JPEG at 1/2 to 1/8 (the detector sees 640 px anyway): the faces,
+    in full-size pixels, are those found on the full decode."""
+    from conftest import data_path
+    from faceflow import images
+    photo = cv2.imread(str(data_path("images", name)))
+    scale = 4000 / photo.shape[1]
+    large = cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+    ok, buf = cv2.imencode(".jpg", large, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    data = buf.tobytes()
+    assert images.reduction_for(images.header(data), 2 * engine.detector.max_side) >= 2
+    full = engine.detect(images.decode(data).pixels)
+    record = engine.analyze_bytes(data)
+    assert (record["width"], record["height"]) == (large.shape[1], large.shape[0])
+    assert len(record["faces"]) == len(full) >= 2
+    for face in full:
+        assert max(iou(face.box, found["box"]) for found in record["faces"]) > 0.85
