@@ -34,6 +34,9 @@ READABLE = "JPEG, PNG, WebP, GIF, HEIC/HEIF and AVIF"
 pillow_heif.options.THUMBNAILS = False
 pillow_heif.options.DEPTH_IMAGES = False
 pillow_heif.options.AUX_IMAGES = False
+# HEIC is written as a grid of 512 px tiles, as phones write it: x265 then holds one tile, not
+# the whole picture (48 megapixels: 130 MB instead of 800 MB beside the pixels).
+pillow_heif.options.GRID_TILE_SIZE = 512
 pillow_heif.register_heif_opener()
 # Formats decoded and encoded through Pillow rather than OpenCV.
 PIL_FORMATS = ("HEIF", "AVIF")
@@ -214,12 +217,17 @@ def memory_needed(head: Header, out_format: str | None = None, scale: int = 1) -
     """Peak bytes the still pipeline allocates for this image: the decoded pixels plus the
     largest of what decoding, detection and encoding add beside them.
 
-    decoding: a second full buffer when EXIF orientation turns the image; Pillow-decoded
-      formats (HEIF, AVIF, GIF) hold Pillow's own frame (4 bytes a pixel) and the codec's.
+    decoding: OpenCV's decoder holds a second full buffer (so does turning the image for EXIF
+      orientation, after it); HEIF and AVIF decoders with Pillow's image up to 16 bytes a
+      pixel (libheif turns a phone's photo itself), GIF Pillow's frame and its conversion (8).
     detection and the verify pass: one 8-bit BGR copy unless the pixels are 8-bit BGR.
     encoding: the encoder's buffer and its copy as bytes: for PNG up to twice the raw pixels
       (measured for incompressible pixels), for lossy formats about the 8-bit size; Pillow's
-      encoders (GIF, HEIF, AVIF) first copy the frames into Pillow images (4 bytes a pixel).
+      encoders take an RGB copy (3 bytes a pixel) as a Pillow image (4), then GIF's 4 more
+      (frames as Pillow images, 4 bytes a pixel, and their palette versions), HEIF's tiled x265
+      4, AVIF's libaom, which holds the whole frame, up to 30.
+    The per-pixel figures were measured on 12- and 48-megapixel photos (bench/stills.py and
+    tests/test_memory_budget.py check them).
     `scale` > 1: a reduced 8-bit BGR decode for detection only (nothing encoded).
     """
     area = -(-head.width // scale) * -(-head.height // scale)
@@ -228,15 +236,22 @@ def memory_needed(head: Header, out_format: str | None = None, scale: int = 1) -
         return area * 3 * (2 if head.orientation != 1 else 1) + full
     frame = area * head.channels * head.sample_bytes
     pixels = frame * head.frames
-    decoding = frame if head.orientation != 1 else 0
-    if head.format in PIL_FORMATS or head.format == "GIF":
-        decoding += area * 8
+    if head.format in PIL_FORMATS:
+        decoding = area * 16 + (frame if head.orientation != 1 else 0)
+    elif head.format == "GIF":
+        decoding = area * 8
+    else:
+        decoding = frame
     detection = 0 if (head.channels, head.sample_bytes) == (3, 1) else area * 3
     out = (out_format or head.format).upper()
     if out == "PNG":
         encoding = 2 * pixels
-    elif out in ("GIF", *PIL_FORMATS):
-        encoding = head.frames * area * 4 * 2
+    elif out == "AVIF":
+        encoding = area * (3 + 4 + 30)
+    elif out == "HEIF":
+        encoding = area * (3 + 4 + 4)
+    elif out == "GIF":
+        encoding = head.frames * area * (4 + 4)
     else:
         encoding = area * 3 + (area * 3 if detection else 0)
     return pixels + max(decoding, detection, encoding)
@@ -416,6 +431,12 @@ def encode(picture: Picture, fmt: str | None = None, quality: int = 92) -> bytes
     return buf.tobytes()
 
 
+# Encoder speed: at their defaults a 12-megapixel phone photo took 20 s of CPU to encode as HEIC
+# (x265) and 4.6 s as AVIF, too slow for a synchronous API call; these settings took 3 s and
+# 1.8 s for files of about the same size at the same quality.
+_PIL_ENCODER_OPTIONS = {"HEIF": {"enc_params": {"preset": "ultrafast"}}, "AVIF": {"speed": 8}}
+
+
 def _encode_pil(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
     """HEIF or AVIF, 8-bit, alpha kept; nothing but pixels (no EXIF, XMP or ICC is passed)."""
     alpha = pixels.ndim == 3 and pixels.shape[2] == 4
@@ -427,7 +448,7 @@ def _encode_pil(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
         image = Image.fromarray(cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA if alpha else cv2.COLOR_BGR2RGB))
     out = io.BytesIO()
     try:
-        image.save(out, fmt, quality=quality)
+        image.save(out, fmt, quality=quality, **_PIL_ENCODER_OPTIONS[fmt])
     except (OSError, ValueError, RuntimeError) as exc:
         raise BadInput(f"could not encode {fmt}: {exc}") from None
     return out.getvalue()
