@@ -1,6 +1,8 @@
-"""Latency of one still on one thread: a 1920 px JPEG anonymised end to end.
+"""Latency of one still on one thread: a 1920 px JPEG anonymised end to end; with --memory,
+the peak memory of large photos against faceflow's estimate instead.
 
     python bench/stills.py [--runs 50] [--warmup 5] [--image PATH]
+    python bench/stills.py --memory [--megapixels 12,48]
 
 End to end = read the file's bytes from disk, then Engine.anonymize_bytes (decode, detect,
 mask with the verification pass, encode) to JPEG bytes, with faceflow's defaults (YuNet at
@@ -18,9 +20,17 @@ a face in a mask, at most 3 more passes), images.encode. A second table splits d
 its letterbox (resize + float blob), onnxruntime run and output decoding, and mask+verify
 into the masks alone and the number of verify passes.
 
-The image is /work/shared/data/images/vladmandic_sample2.jpg (1920x1367, 3 faces); if
-it is missing, pyfeat_multi_face.jpg upscaled to 1920 px wide (JPEG q92) is used instead.
+The image is ../shared/data/images/vladmandic_sample2.jpg beside the checkout (1920x1367,
+3 faces); if it is missing, pyfeat_multi_face.jpg upscaled to 1920 px wide (JPEG q92) is
+used instead.
 Target (printed, not enforced): p50 <= 60 ms.
+
+--memory: for each size (megapixels) and format (JPEG, HEIC, AVIF, 16-bit RGBA PNG), an image
+made from skimage's astronaut() (photos stored sideways with EXIF orientation 6, as phones do)
+is anonymised in a fresh process: the table gives images.memory_needed (what is checked against
+the budget before decoding), the process's peak RSS (VmHWM) less its RSS once the engine is
+loaded, and the wall time. Target (printed): every peak within the estimate plus
+images.RESERVED_BYTES, the promise the memory budget rests on.
 """
 from __future__ import annotations
 
@@ -87,12 +97,85 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+MEMORY_CHILD = r"""
+import json, sys, time
+from faceflow import images
+from faceflow.engine import Engine
+
+
+def status_mb(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+
+data = open(sys.argv[1], "rb").read()
+engine = Engine(threads=1)
+baseline = status_mb("VmRSS")
+start = time.perf_counter()
+result = engine.anonymize_bytes(data, memory_bytes=1 << 40)  # measure, do not refuse
+print(json.dumps({"ms": (time.perf_counter() - start) * 1000, "faces": len(result.report["faces"]),
+                  "estimate_mb": images.memory_needed(images.header(data)) / 2**20,
+                  "peak_mb": status_mb("VmHWM") - baseline}))
+"""
+
+
+def memory_table(megapixels: list[float]) -> None:
+    import io
+    import json
+    import subprocess
+    import tempfile
+
+    from PIL import Image
+    from skimage.data import astronaut
+
+    face = astronaut()[:, :384]  # RGB, portrait
+    folder = Path(tempfile.mkdtemp(prefix="faceflow-memory-"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "shared"), os.environ.get("PYTHONPATH", "")])}
+    print("| image | estimate MB | peak above the loaded engine MB | ms | faces |\n|---|---|---|---|---|")
+    within = True
+    for mp in megapixels:
+        height = int((mp * 1e6 * 4 / 3) ** 0.5)
+        width = height * 3 // 4
+        upright = Image.fromarray(face).resize((width, height), Image.Resampling.BICUBIC)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        for fmt, ext in (("JPEG", ".jpg"), ("HEIF", ".heic"), ("AVIF", ".avif"), ("PNG", ".png")):
+            path = folder / f"{mp:g}mp{ext}"
+            if fmt == "PNG":  # 16-bit RGBA, upright
+                deep = np.full((height, width, 4), 65535, np.uint16)
+                deep[..., :3] = cv2.cvtColor(np.asarray(upright), cv2.COLOR_RGB2BGR).astype(np.uint16) * 257
+                cv2.imwrite(str(path), deep)
+                del deep
+            else:
+                out = io.BytesIO()
+                upright.transpose(Image.Transpose.ROTATE_90).save(out, fmt, quality=90, exif=exif.tobytes())
+                path.write_bytes(out.getvalue())
+            done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path)], env=env,
+                                  capture_output=True, text=True)
+            if done.returncode:
+                print(f"| {mp:g} MP {fmt} | failed: {done.stderr.strip().splitlines()[-1]} | | | |")
+                within = False
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            within &= r["peak_mb"] <= r["estimate_mb"] + images.RESERVED_BYTES / 2**20
+            label = f"{mp:g} MP {fmt}" + (" 16-bit RGBA" if fmt == "PNG" else "")
+            print(f"| {label} | {r['estimate_mb']:.0f} | {r['peak_mb']:.0f} | {r['ms']:.0f} | {r['faces']} |")
+            path.unlink()
+    print(f"\nevery peak within the estimate + {images.RESERVED_BYTES >> 20} MB reserved: "
+          f"{'yes' if within else 'NO'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--image", type=Path, help="a JPEG to use instead of the default")
+    ap.add_argument("--memory", action="store_true", help="peak memory of large photos instead")
+    ap.add_argument("--megapixels", default="12,48", help="sizes for --memory")
     args = ap.parse_args()
+    if args.memory:
+        memory_table([float(v) for v in args.megapixels.split(",")])
+        return
     cv2.setNumThreads(1)
     path = source_image(args.image)
     engine = Engine(threads=1)

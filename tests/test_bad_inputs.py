@@ -162,6 +162,25 @@ def test_png_bomb_is_well_formed_and_refused_for_its_size(dirs, monkeypatch):
     assert list(out.iterdir()) == []
 
 
+def test_image_over_the_memory_budget_is_refused_and_a_small_one_is_not(dirs, astronaut_bgr):
+    """FACEFLOW_MEMORY_MB=400 leaves 84 MB for images: a 4000 x 4000 PNG needs 48 MB of
+    pixels and up to twice that to encode, so it is refused before decoding; the 512 x 512
+    astronaut is processed."""
+    src_dir, out = dirs
+    big = np.full((4000, 4000, 3), 128, np.uint8)
+    big[1744:2256, 1744:2256] = astronaut_bgr
+    cv2.imwrite(str(src_dir / "big.png"), big)
+    small = src_dir / "small.jpg"
+    small.write_bytes(jpeg_bytes(astronaut_bgr))
+    env = {"FACEFLOW_MEMORY_MB": "400"}
+    r = run_cli("anonymize", src_dir / "big.png", "-o", out / "big.png", env=env)
+    assert_one_line_error(r)
+    assert "4000x4000 PNG needs about 138 MB, 84 MB available" in r.stderr, r.stderr
+    assert list(out.iterdir()) == []
+    assert_ok(run_cli("anonymize", small, "-o", out / "small.jpg", env=env))
+    assert (out / "small.jpg").exists()
+
+
 def test_broken_input_with_output_folder_leaves_nothing(dirs, astronaut_bgr):
     """`-o FOLDER` for a broken file: still nothing written in the folder."""
     src_dir, out = dirs

@@ -67,6 +67,38 @@ def test_exif_orientation_is_honoured(engine, astronaut_bgr, tmp_path):
     assert all(iou(found.box, f.box) < 0.3 for f in engine.detect(stored))
 
 
+def test_png_orientation_is_read_from_its_exif_chunk_without_decoding(astronaut_bgr, monkeypatch):
+    """The header check must not decode: Pillow's getexif() on a PNG loads every pixel to look
+    for an eXIf chunk after the image data (400 MB for a 10000 x 10000 RGBA)."""
+    from faceflow import images
+    upright = np.ascontiguousarray(astronaut_bgr[:, :400])
+    stored = np.ascontiguousarray(np.rot90(upright, 1))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.fromarray(rgb(stored)).save(out, "PNG", exif=exif)
+    # move the eXIf chunk after the image data, where PNG allows it too
+    chunks, pos, data = [], 8, out.getvalue()
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        chunks.append(data[pos:pos + 12 + length])
+        pos += 12 + length
+    exif_chunk = next(c for c in chunks if c[4:8] == b"eXIf")
+    chunks.remove(exif_chunk)
+    late = data[:8] + b"".join(chunks[:-1]) + exif_chunk + chunks[-1]
+    plain = io.BytesIO()
+    Image.fromarray(rgb(stored)).save(plain, "PNG")
+
+    def no_decoding(self):
+        raise AssertionError("the header check decoded the image")
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    assert images.header(plain.getvalue()).orientation == 1
+    head = images.header(late)
+    assert (head.format, head.width, head.height, head.orientation) == ("PNG", 512, 400, 6)
+    monkeypatch.undo()
+    assert np.array_equal(images.decode(late).pixels, upright)
+
+
 # --- metadata --------------------------------------------------------------------------------
 def exif_with_gps() -> Image.Exif:
     exif = Image.Exif()
@@ -292,3 +324,24 @@ def test_detect_batch_equals_single_detections(engine, astronaut_bgr):
                 assert np.allclose(a.landmarks, b.landmarks, atol=1.0)
     # The two images give different faces: results are not mixed up between the slots.
     assert not np.allclose(batch[0][0].box, batch[1][0].box, atol=5)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", ["pyfeat_multi_face.jpg", "ultralytics_bus.jpg"])
+def test_analysis_of_a_large_photo_from_a_reduced_decode_finds_the_same_faces(name, engine):
+    """analyze decodes a large JPEG at 1/2 to 1/8 (the detector sees 640 px anyway): the faces,
+    in full-size pixels, are those found on the full decode."""
+    from conftest import data_path
+    from faceflow import images
+    photo = cv2.imread(str(data_path("images", name)))
+    scale = 4000 / photo.shape[1]
+    large = cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+    ok, buf = cv2.imencode(".jpg", large, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    data = buf.tobytes()
+    assert images.reduction_for(images.header(data), 2 * engine.detector.max_side) >= 2
+    full = engine.detect(images.decode(data).pixels)
+    record = engine.analyze_bytes(data)
+    assert (record["width"], record["height"]) == (large.shape[1], large.shape[0])
+    assert len(record["faces"]) == len(full) >= 2
+    for face in full:
+        assert max(iou(face.box, found["box"]) for found in record["faces"]) > 0.85

@@ -475,7 +475,7 @@ def test_only_the_input_bucket_triggers_processing(template):
     suffixes = sorted(by_function["StillsFunction"])
     wanted = {case(ext) for ext in EXTENSION_FORMAT for case in (str.lower, str.upper)}
     assert wanted <= set(suffixes), f"formats the engine accepts but nothing triggers on: {wanted - set(suffixes)}"
-    assert {".jpg", ".jpeg", ".png", ".webp"} <= set(suffixes)
+    assert {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".avif"} <= set(suffixes)  # phones too
 
 
 def test_output_bucket_never_triggers_after_the_sam_transform(transformed):

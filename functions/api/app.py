@@ -545,10 +545,12 @@ def request_image() -> bytes:
 @app.post("/v1/analyze", operation_id="analyze", responses=answers(200, "the faces found", json_of(FacesFound), 400, 413, 415))
 @tracer.capture_method(capture_response=False)
 def analyze() -> FacesFound:
-    from faceflow.images import BadInput
+    from faceflow.images import BadInput, TooLarge
     data = request_image()  # size-checked before the engine is even loaded
     try:
-        record = engine().analyze_bytes(data, source="request")
+        record = engine().analyze_bytes(data, source="request", memory_bytes=adapters.settings.memory_bytes)
+    except TooLarge as exc:
+        raise ServiceError(413, str(exc)) from None
     except BadInput as exc:
         raise BadRequestError(str(exc)) from None
     metrics.add_metric(name="FacesFound", unit=MetricUnit.Count, value=len(record["faces"]))
@@ -564,10 +566,13 @@ def analyze() -> FacesFound:
 def anonymize(method: Annotated[Literal["blur", "pixelate", "solid"], Query()] = "blur",
               shape: Annotated[Literal["ellipse", "box"], Query()] = "ellipse"):
     from faceflow.anonymize import MaskOptions
-    from faceflow.images import BadInput
+    from faceflow.images import BadInput, TooLarge
     data = request_image()
     try:
-        result = engine().anonymize_bytes(data, MaskOptions(method=method, shape=shape), source="request")
+        result = engine().anonymize_bytes(data, MaskOptions(method=method, shape=shape), source="request",
+                                          memory_bytes=adapters.settings.memory_bytes)
+    except TooLarge as exc:
+        raise ServiceError(413, str(exc)) from None
     except BadInput as exc:
         raise BadRequestError(str(exc)) from None
     faces = len(result.report["faces"])

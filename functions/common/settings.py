@@ -9,6 +9,7 @@
 | FACEFLOW_MAX_UPLOAD_BYTES | largest object the stills function will read | 26214400 (25 MiB) |
 | FACEFLOW_MAX_SYNC_BYTES | largest body POST /v1/analyze and /v1/anonymize accept | 5242880 (5 MiB) |
 | FACEFLOW_URL_TTL_S | lifetime of presigned upload/download URLs | 900 |
+| AWS_LAMBDA_FUNCTION_MEMORY_SIZE | Lambda's own (MB): the memory budget images are checked against before decoding (faceflow.images.pixel_budget) | unset: FACEFLOW_MEMORY_MB, else the machine's memory |
 | FACEFLOW_MODEL_DIR | model bundle (baked into the image at /opt/faceflow/models) | see faceflow.bundle |
 | FACEFLOW_GPU_ENDPOINT | SageMaker async endpoint jobs may be routed to (functions/common/gpu.py; set by template.yaml only when the GPU part is deployed) | unset: no GPU |
 | AWS_ENDPOINT_URL | boto3's own: points S3/SQS/SageMaker at moto in tests | unset (AWS) |
@@ -27,7 +28,7 @@ UPLOAD_PREFIX = "uploads/"   # the input bucket's trigger prefix
 RESULT_PREFIX = "results/"   # where results go in the output bucket
 # The suffixes the input bucket's stills trigger fires for (template.yaml's S3 filters, either
 # case) and the Content-Type of each; tests check the template agrees.
-UPLOAD_CONTENT_TYPES = {ext: media.image_media_type(fmt) for ext, fmt in media.IMAGE_EXTENSIONS.items()}
+UPLOAD_CONTENT_TYPES = {ext: media.extension_media_type(ext) for ext in media.IMAGE_EXTENSIONS}
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Settings:
     max_upload_bytes: int = 25 * 1024 * 1024
     max_sync_bytes: int = 5 * 1024 * 1024
     url_ttl_s: int = 900
+    # the function's memory in bytes: stills that would not fit in it are refused before decoding
+    memory_bytes: int | None = None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -55,4 +58,12 @@ class Settings:
             max_upload_bytes=int(env.get("FACEFLOW_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
             max_sync_bytes=int(env.get("FACEFLOW_MAX_SYNC_BYTES", cls.max_sync_bytes)),
             url_ttl_s=int(env.get("FACEFLOW_URL_TTL_S", cls.url_ttl_s)),
+            memory_bytes=function_memory_bytes(),
         )
+
+
+def function_memory_bytes() -> int | None:
+    """The memory Lambda gives this function (AWS_LAMBDA_FUNCTION_MEMORY_SIZE, in MB) in bytes;
+    None where it is not set."""
+    memory_mb = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+    return int(memory_mb) * 1024 * 1024 if memory_mb else None

@@ -41,7 +41,7 @@ def process_upload(upload: dict, size: int | None) -> dict:
     start = time.perf_counter()
     try:
         data = _read(upload, size, settings.max_upload_bytes)
-        result = engine.anonymize_bytes(data, source=name)
+        result = engine.anonymize_bytes(data, source=name, memory_bytes=settings.memory_bytes)
     except BadInput as exc:
         jobs.put(job_id, FAILED, error=str(exc))
         metrics.add_metric(name="JobsFailed", unit=MetricUnit.Count, value=1)

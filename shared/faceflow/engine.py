@@ -11,7 +11,7 @@ beside masking without touching the decode/detect/encode flow.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,14 +78,21 @@ class Engine:
     def detect_batch(self, frames: list[np.ndarray], threshold: float | None = None) -> list[list[Face]]:
         return self.detector.detect_batch(frames, self.threshold if threshold is None else threshold)
 
-    # --- stills --------------------------------------------------------------------------
+    # --- stills ---------------------------------------------------------------------------
     def analyze_picture(self, picture: images.Picture, source: str = "") -> dict[str, Any]:
         faces = self.detect(images.to_bgr8(picture.pixels))
+        if picture.scale > 1:  # a reduced decode: faces in the image's own pixels
+            factor = picture.width / picture.pixels.shape[1]
+            faces = [_scaled(face, factor) for face in faces]
         return {"source": source, "width": picture.width, "height": picture.height,
                 "format": picture.format, "faces": [f.to_dict() for f in faces]}
 
-    def analyze_bytes(self, data: bytes, source: str = "") -> dict[str, Any]:
-        return self.analyze_picture(images.decode(data), source)
+    def analyze_bytes(self, data: bytes, source: str = "", memory_bytes: int | None = None) -> dict[str, Any]:
+        """Faces of a still. The detector sees at most its input size, so a large photo is
+        decoded reduced (JPEG by 1/2, 1/4 or 1/8 in the decoder itself) to no less than twice
+        that; `memory_bytes`: see images.pixel_budget."""
+        reduce = images.reduction_for(images.header(data), 2 * self.detector.max_side)
+        return self.analyze_picture(images.decode(data, reduce, memory_bytes), source)
 
     def process_picture(self, picture: images.Picture, operation: Operation) -> list[list[Face]]:
         """Apply `operation` to every frame (one, or each GIF frame) in place; faces per frame."""
@@ -99,12 +106,18 @@ class Engine:
 
     def anonymize_bytes(self, data: bytes, options: MaskOptions | None = None,
                         out_format: str | None = None, source: str = "",
-                        verify: bool = True) -> Result:
+                        verify: bool = True, memory_bytes: int | None = None) -> Result:
+        """Mask every face of a still and encode it as `out_format` (default: its own format;
+        JPEG when this installation cannot encode that one). An image whose decoding and
+        processing would not fit in `memory_bytes` (see images.pixel_budget) is refused with
+        images.TooLarge before it is decoded."""
         start = time.perf_counter()
-        picture = images.decode(data)
+        fmt = (out_format or images.header(data).format).upper()
+        if not images.can_write(fmt):
+            fmt = "JPEG"
+        picture = images.decode(data, memory_bytes=memory_bytes, out_format=fmt)
         found = self.process_picture(picture, Mask(options or MaskOptions(),
                                                    self.detector if verify else None))
-        fmt = out_format or picture.format
         out = images.encode(picture, fmt)
         report = {"source": source, "width": picture.width, "height": picture.height,
                   "format": fmt, "faces": [f.to_dict() for f in found[0]],
@@ -142,6 +155,13 @@ class Engine:
             from .video import analyze_video
             return analyze_video(self, src)
         return self.analyze_bytes(_read_bytes(src), source=str(src))
+
+
+def _scaled(face: Face, factor: float) -> Face:
+    """`face` found in an image reduced by `factor`, in the full image's pixels."""
+    x, y, w, h = face.box
+    landmarks = None if face.landmarks is None else (face.landmarks * factor).astype(np.float32)
+    return replace(face, box=(x * factor, y * factor, w * factor, h * factor), landmarks=landmarks)
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -12,9 +12,14 @@ IMAGE_FORMATS = {
     "PNG": (".png", "image/png"),
     "WEBP": (".webp", "image/webp"),
     "GIF": (".gif", "image/gif"),
+    "HEIF": (".heic", "image/heic"),  # what phones write: HEVC-coded HEIF
+    "AVIF": (".avif", "image/avif"),
 }
 # Every extension read as a still, and its format.
-IMAGE_EXTENSIONS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF"}
+IMAGE_EXTENSIONS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF",
+                    ".heic": "HEIF", ".heif": "HEIF", ".avif": "AVIF"}
+# Extensions whose media type is not their format's own.
+EXTENSION_MEDIA_TYPES = {".heif": "image/heif"}
 
 # Video containers read (FFmpeg probes the contents; the extension only routes the file) and the
 # media type of each.
@@ -34,12 +39,20 @@ def image_media_type(fmt: str) -> str:
     return IMAGE_FORMATS[fmt.upper()][1]
 
 
-def media_type_for(name: str | PurePath) -> str:
-    """The media type of a file name by its extension (octet-stream when it names none)."""
-    suffix = PurePath(name).suffix.lower()
+def extension_media_type(suffix: str) -> str:
+    """The media type of a file extension (".jpg", either case); octet-stream for one that
+    names nothing faceflow reads."""
+    suffix = suffix.lower()
+    if suffix in EXTENSION_MEDIA_TYPES:
+        return EXTENSION_MEDIA_TYPES[suffix]
     if suffix in IMAGE_EXTENSIONS:
         return image_media_type(IMAGE_EXTENSIONS[suffix])
     return VIDEO_MEDIA_TYPES.get(suffix, "application/octet-stream")
+
+
+def media_type_for(name: str | PurePath) -> str:
+    """The media type of a file name by its extension (octet-stream when it names none)."""
+    return extension_media_type(PurePath(name).suffix)
 
 
 def kind_of(name: str | PurePath) -> str | None:
