@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from . import images, media
 from .anonymize import MaskOptions, apply_masks
 from .detectors import DEFAULT_DETECTOR, Detector, load_detector
 from .face import Face, iou
+
+if TYPE_CHECKING:
+    from .analysis import Analyzer
 
 # Masked output must show no face to the detector even at a low threshold (0.3); check
 # below it to leave room for what re-encoding changes.
@@ -70,6 +73,9 @@ class Engine:
         self.detector = detector if isinstance(detector, Detector) else load_detector(
             detector, model_dir=model_dir, providers=providers, threads=threads, max_side=max_side)
         self.threshold = self.detector.default_threshold if threshold is None else threshold
+        # Analysis models load on first use, one Analyzer per set of attributes asked for.
+        self._analysis_options = {"model_dir": model_dir, "providers": providers, "threads": threads}
+        self._analyzers: dict[tuple[str, ...], Any] = {}
 
     # --- faces ---------------------------------------------------------------------------
     def detect(self, bgr: np.ndarray, threshold: float | None = None) -> list[Face]:
@@ -79,13 +85,27 @@ class Engine:
         return self.detector.detect_batch(frames, self.threshold if threshold is None else threshold)
 
     # --- stills --------------------------------------------------------------------------
-    def analyze_picture(self, picture: images.Picture, source: str = "") -> dict[str, Any]:
-        faces = self.detect(images.to_bgr8(picture.pixels))
-        return {"source": source, "width": picture.width, "height": picture.height,
-                "format": picture.format, "faces": [f.to_dict() for f in faces]}
+    def analyzer(self, attributes) -> "Analyzer":
+        """The Analyzer for these attributes (see faceflow.analysis), built on first use."""
+        from .analysis import Analyzer, parse_attributes
+        key = parse_attributes(attributes)
+        if key not in self._analyzers:
+            self._analyzers[key] = Analyzer(key, **self._analysis_options)
+        return self._analyzers[key]
 
-    def analyze_bytes(self, data: bytes, source: str = "") -> dict[str, Any]:
-        return self.analyze_picture(images.decode(data), source)
+    def analyze_picture(self, picture: images.Picture, source: str = "",
+                        attributes=None) -> dict[str, Any]:
+        """Faces of a still; with `attributes` (names from faceflow.analysis.ATTRIBUTES), each
+        face also carries them. None: detection only."""
+        bgr = images.to_bgr8(picture.pixels)
+        faces = self.detect(bgr)
+        records = ([f.to_dict() for f in faces] if attributes is None
+                   else self.analyzer(attributes).analyze(bgr, faces))
+        return {"source": source, "width": picture.width, "height": picture.height,
+                "format": picture.format, "faces": records}
+
+    def analyze_bytes(self, data: bytes, source: str = "", attributes=None) -> dict[str, Any]:
+        return self.analyze_picture(images.decode(data), source, attributes)
 
     def process_picture(self, picture: images.Picture, operation: Operation) -> list[list[Face]]:
         """Apply `operation` to every frame (one, or each GIF frame) in place; faces per frame."""
@@ -136,12 +156,13 @@ class Engine:
         result.report["output"] = str(dst)
         return result.report
 
-    def analyze_file(self, src: Path | str) -> dict[str, Any]:
+    def analyze_file(self, src: Path | str, attributes=None) -> dict[str, Any]:
+        """`attributes` apply to photos; a video is reported as before."""
         src = Path(src)
         if src.suffix.lower() in VIDEO_EXTENSIONS:
             from .video import analyze_video
             return analyze_video(self, src)
-        return self.analyze_bytes(_read_bytes(src), source=str(src))
+        return self.analyze_bytes(_read_bytes(src), source=str(src), attributes=attributes)
 
 
 def _read_bytes(path: Path) -> bytes:
