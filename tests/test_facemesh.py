@@ -24,7 +24,8 @@ def _one_face(engine, bgr) -> Face:
 
 
 def _eye_centres(mesh):
-    return (mesh[[33, 133, 159, 145], :2].mean(0), mesh[[362, 263, 386, 374], :2].mean(0))
+    return (mesh[list(facemesh.LEFT_EYE_CONTOUR), :2].mean(0),
+            mesh[list(facemesh.RIGHT_EYE_CONTOUR), :2].mean(0))
 
 
 def test_mesh_lands_on_the_face(engine, mesh_model, astronaut_bgr):

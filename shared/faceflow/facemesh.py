@@ -26,6 +26,9 @@ RECROP_DEGREES, RECROP_PASSES = 10.0, 2
 # person's right eye.
 LEFT_EYE_CORNERS = (33, 133)      # outer, inner
 RIGHT_EYE_CORNERS = (362, 263)    # inner, outer
+# Corners plus the middle of each lid: their mean is the eye's centre.
+LEFT_EYE_CONTOUR = (*LEFT_EYE_CORNERS, 159, 145)
+RIGHT_EYE_CONTOUR = (*RIGHT_EYE_CORNERS, 386, 374)
 NOSE_TIP, NOSE_BASE, CHIN = 1, 2, 152
 MOUTH_CORNERS = (61, 291)
 # Eye aspect ratio points: the two corners, then three upper and three lower lid points in

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .facemesh import CHIN, LEFT_EYE_CONTOUR, MOUTH_CORNERS, NOSE_TIP, RIGHT_EYE_CONTOUR
+
 # The detector's five points, in faceflow's order.
 FIVE_POINT_TYPES = ("eyeLeft", "eyeRight", "nose", "mouthLeft", "mouthRight")
 # Rekognition landmark type -> mesh point indices (their mean); image's left and right.
@@ -37,13 +39,13 @@ MESH_LANDMARKS = {
     "leftEyeLeft": (33,), "leftEyeRight": (133,), "leftEyeUp": (159,), "leftEyeDown": (145,),
     "rightEyeLeft": (362,), "rightEyeRight": (263,), "rightEyeUp": (386,), "rightEyeDown": (374,),
     "noseLeft": (98,), "noseRight": (327,), "mouthUp": (0,), "mouthDown": (17,),
-    "leftPupil": (33, 133, 159, 145), "rightPupil": (362, 263, 386, 374),
-    "upperJawlineLeft": (234,), "midJawlineLeft": (172,), "chinBottom": (152,),
+    "leftPupil": LEFT_EYE_CONTOUR, "rightPupil": RIGHT_EYE_CONTOUR,
+    "upperJawlineLeft": (234,), "midJawlineLeft": (172,), "chinBottom": (CHIN,),
     "midJawlineRight": (397,), "upperJawlineRight": (454,),
 }
 # When there are no detector points, the five come from the mesh too.
-MESH_FIVE = {"eyeLeft": (33, 133, 159, 145), "eyeRight": (362, 263, 386, 374), "nose": (1,),
-             "mouthLeft": (61,), "mouthRight": (291,)}
+MESH_FIVE = {"eyeLeft": LEFT_EYE_CONTOUR, "eyeRight": RIGHT_EYE_CONTOUR, "nose": (NOSE_TIP,),
+             "mouthLeft": MOUTH_CORNERS[:1], "mouthRight": MOUTH_CORNERS[1:]}
 NOT_PRODUCED = ("Smile", "Eyeglasses", "Sunglasses", "Beard", "Mustache", "Emotions",
                 "FaceOccluded", "EyeDirection")
 
