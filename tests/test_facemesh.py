@@ -180,3 +180,35 @@ def test_a_face_looking_at_the_camera_off_centre_is_frontal():
     mesh[facemesh._PNP_INDICES, :2] = projected
     pose = facemesh.head_pose(mesh, (480, 640))
     assert abs(pose["yaw"]) < 2 and abs(pose["pitch"]) < 2 and abs(pose["roll"]) < 3, pose
+
+
+def _clip_frames(wanted: set[int]):
+    import av
+    frames = {}
+    with av.open(str(data_path("video", "pyfeat_WolfgangLanger_Pexels.mp4"))) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                frames[i] = frame.to_ndarray(format="bgr24")
+            if i >= max(wanted):
+                break
+    return frames
+
+
+def test_mouth_open_in_a_real_clip(engine, mesh_model):
+    """Frames 0 (lips together, looking down) and 300 (laughing, teeth showing, eyes open),
+    by eye."""
+    frames = _clip_frames({0, 300})
+    read = {i: facemesh.eyes_and_mouth(mesh_model.run(bgr, [_one_face(engine, bgr)])[0])
+            for i, bgr in frames.items()}
+    assert read[0]["mouth_open"]["value"] is False and read[300]["mouth_open"]["value"] is True, read
+    assert read[300]["eyes_open"]["value"] is True, read
+
+
+@pytest.mark.xfail(strict=True, reason="known limit of the bundled 468-point model: on a real "
+                   "closed-eye sequence its lids stay apart (ratio ~0.25-0.27, as open eyes), so "
+                   "eyes_open reads open; see README")
+def test_closed_eyes_in_a_real_clip(engine, mesh_model):
+    """Frames 86-92 of the clip: eyes shut (screwed up, by eye), no hand over the face yet."""
+    for i, bgr in _clip_frames({86, 88, 90, 92}).items():
+        mesh = mesh_model.run(bgr, [_one_face(engine, bgr)])[0]
+        assert facemesh.eyes_and_mouth(mesh)["eyes_open"]["value"] is False, i
