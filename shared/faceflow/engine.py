@@ -75,7 +75,7 @@ class Engine:
         self.threshold = self.detector.default_threshold if threshold is None else threshold
         # Analysis models load on first use, one Analyzer per set of attributes asked for.
         self._analysis_options = {"model_dir": model_dir, "providers": providers, "threads": threads}
-        self._analyzers: dict[tuple[str, ...], Any] = {}
+        self._analyzers: dict[tuple[str, ...], Analyzer] = {}
 
     # --- faces ---------------------------------------------------------------------------
     def detect(self, bgr: np.ndarray, threshold: float | None = None) -> list[Face]:
