@@ -15,7 +15,8 @@ Field by field (DetectFaces' FaceDetail):
 - Quality {Brightness, Sharpness}: 0-100, from the face crop (analysis.Quality).
 - EyesOpen, MouthOpen {Value, Confidence 0-100}: from the mesh.
 - Landmarks [{Type, X, Y}]: ratios of the image size. "Left"/"right" in the type names are
-  the image's, as in Rekognition's output (eyeLeft is the eye on the image's left). The five
+  the image's, as in Rekognition's output (in AWS's example responses eyeLeft has the smaller
+  X on a frontal face). The five
   detector points give eyeLeft, eyeRight, nose, mouthLeft, mouthRight; the mesh, when it ran,
   gives the rest (pupils are the eye contour's centre: the 468-point model has no iris).
 Not produced: Smile, Eyeglasses, Sunglasses, Beard, Mustache, Emotions, FaceOccluded,
