@@ -73,13 +73,43 @@ def cmd_anonymize(args) -> int:
     return 0
 
 
+def _attributes(args) -> tuple[str, ...] | None:
+    """What to compute per face: --attributes, else the defaults when their models are
+    installed (detection only, with a note, when not); --mesh adds the points. None is
+    detection only. Rekognition's format also takes the mesh when it runs anyway, for its
+    landmarks."""
+    from .analysis import DEFAULT_ATTRIBUTES, MESH_ATTRIBUTES, models_for, parse_attributes
+    try:
+        chosen = parse_attributes(args.attributes) if args.attributes is not None else None
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    if chosen is None:
+        try:
+            for name in models_for(DEFAULT_ATTRIBUTES):
+                bundle.model_path(name, args.models)
+            chosen = DEFAULT_ATTRIBUTES
+        except bundle.ModelError as exc:
+            print(f"faceflow: analysis models missing, faces only ({exc})", file=sys.stderr)
+            chosen = ()
+    if args.mesh or (args.format == "rekognition" and MESH_ATTRIBUTES & set(chosen)):
+        chosen = parse_attributes((*chosen, "mesh"))
+    return chosen or None
+
+
 def cmd_analyze(args) -> int:
-    from .batch import expand_inputs
+    from .batch import VIDEO_EXTENSIONS, expand_inputs
+    attributes = _attributes(args)
     engine = _engine(args)
     status = 0
     for path in expand_inputs([Path(p) for p in args.paths]):
         try:
-            record = engine.analyze_file(path)
+            if args.format == "rekognition":
+                if path.suffix.lower() in VIDEO_EXTENSIONS:
+                    raise BadInput("--format rekognition takes photos (DetectFaces' shape)")
+                from .rekognition import detect_faces_response
+                record = detect_faces_response(engine.analyze_file(path, attributes))
+            else:
+                record = engine.analyze_file(path, attributes)
         except BadInput as exc:
             record = {"source": str(path), "error": str(exc)}
             print(f"faceflow: {path}: {exc}", file=sys.stderr)
@@ -138,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     z = sub.add_parser("analyze", aliases=["analyse"], help="print faces as JSON Lines")
     z.add_argument("paths", nargs="+")
+    z.add_argument("--attributes", default=None,
+                   help="what to compute per face, comma-separated: gender, age, pose, quality, eyes, mesh, "
+                        "or none (default: all but mesh when the models are installed; photos only)")
+    z.add_argument("--mesh", action="store_true", help="add the 468 face mesh points to each face")
+    z.add_argument("--format", default="json", choices=["json", "rekognition"],
+                   help="json: faceflow's records; rekognition: DetectFaces' response, one per photo")
     engine_options(z)
     z.set_defaults(func=cmd_analyze)
 

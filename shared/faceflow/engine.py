@@ -11,9 +11,9 @@ beside masking without touching the decode/detect/encode flow.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from . import images, media
 from .anonymize import MaskOptions, apply_masks
 from .detectors import DEFAULT_DETECTOR, Detector, load_detector
 from .face import Face, iou
+
+if TYPE_CHECKING:
+    from .analysis import Analyzer
 
 # Masked output must show no face to the detector even at a low threshold (0.3); check
 # below it to leave room for what re-encoding changes.
@@ -70,6 +73,9 @@ class Engine:
         self.detector = detector if isinstance(detector, Detector) else load_detector(
             detector, model_dir=model_dir, providers=providers, threads=threads, max_side=max_side)
         self.threshold = self.detector.default_threshold if threshold is None else threshold
+        # Analysis models load on first use, one Analyzer per set of attributes asked for.
+        self._analysis_options = {"model_dir": model_dir, "providers": providers, "threads": threads}
+        self._analyzers: dict[tuple[str, ...], Analyzer] = {}
 
     # --- faces ---------------------------------------------------------------------------
     def detect(self, bgr: np.ndarray, threshold: float | None = None) -> list[Face]:
@@ -78,21 +84,36 @@ class Engine:
     def detect_batch(self, frames: list[np.ndarray], threshold: float | None = None) -> list[list[Face]]:
         return self.detector.detect_batch(frames, self.threshold if threshold is None else threshold)
 
-    # --- stills ---------------------------------------------------------------------------
-    def analyze_picture(self, picture: images.Picture, source: str = "") -> dict[str, Any]:
-        faces = self.detect(images.to_bgr8(picture.pixels))
-        if picture.scale > 1:  # a reduced decode: faces in the image's own pixels
-            factor = picture.width / picture.pixels.shape[1]
-            faces = [_scaled(face, factor) for face in faces]
-        return {"source": source, "width": picture.width, "height": picture.height,
-                "format": picture.format, "faces": [f.to_dict() for f in faces]}
+    # --- stills --------------------------------------------------------------------------
+    def analyzer(self, attributes) -> "Analyzer":
+        """The Analyzer for these attributes (see faceflow.analysis), built on first use."""
+        from .analysis import Analyzer, parse_attributes
+        key = parse_attributes(attributes)
+        if key not in self._analyzers:
+            self._analyzers[key] = Analyzer(key, **self._analysis_options)
+        return self._analyzers[key]
 
-    def analyze_bytes(self, data: bytes, source: str = "", memory_bytes: int | None = None) -> dict[str, Any]:
+    def analyze_picture(self, picture: images.Picture, source: str = "",
+                        attributes=None) -> dict[str, Any]:
+        """Faces of a still; with `attributes` (names from faceflow.analysis.ATTRIBUTES), each
+        face also carries them. None: detection only."""
+        bgr = images.to_bgr8(picture.pixels)
+        faces = self.detect(bgr)
+        records = ([f.to_dict() for f in faces] if attributes is None
+                   else self.analyzer(attributes).analyze(bgr, faces))
+        if picture.scale > 1:  # a reduced decode: positions in the image's own pixels
+            factor = picture.width / picture.pixels.shape[1]
+            records = [_scaled(record, factor) for record in records]
+        return {"source": source, "width": picture.width, "height": picture.height,
+                "format": picture.format, "faces": records}
+
+    def analyze_bytes(self, data: bytes, source: str = "", attributes=None,
+                      memory_bytes: int | None = None) -> dict[str, Any]:
         """Faces of a still. The detector sees at most its input size, so a large photo is
         decoded reduced (JPEG by 1/2, 1/4 or 1/8 in the decoder itself) to no less than twice
         that; `memory_bytes`: see images.pixel_budget."""
         reduce = images.reduction_for(images.header(data), 2 * self.detector.max_side)
-        return self.analyze_picture(images.decode(data, reduce, memory_bytes), source)
+        return self.analyze_picture(images.decode(data, reduce, memory_bytes), source, attributes)
 
     def process_picture(self, picture: images.Picture, operation: Operation) -> list[list[Face]]:
         """Apply `operation` to every frame (one, or each GIF frame) in place; faces per frame."""
@@ -149,19 +170,24 @@ class Engine:
         result.report["output"] = str(dst)
         return result.report
 
-    def analyze_file(self, src: Path | str) -> dict[str, Any]:
+    def analyze_file(self, src: Path | str, attributes=None) -> dict[str, Any]:
+        """`attributes` apply to photos; a video is reported as before."""
         src = Path(src)
         if src.suffix.lower() in VIDEO_EXTENSIONS:
             from .video import analyze_video
             return analyze_video(self, src)
-        return self.analyze_bytes(_read_bytes(src), source=str(src))
+        return self.analyze_bytes(_read_bytes(src), source=str(src), attributes=attributes)
 
 
-def _scaled(face: Face, factor: float) -> Face:
-    """`face` found in an image reduced by `factor`, in the full image's pixels."""
-    x, y, w, h = face.box
-    landmarks = None if face.landmarks is None else (face.landmarks * factor).astype(np.float32)
-    return replace(face, box=(x * factor, y * factor, w * factor, h * factor), landmarks=landmarks)
+# The keys of a face record that are positions in pixels (each a number or nested lists of them).
+_PIXEL_KEYS = ("box", "landmarks", "mesh")
+
+
+def _scaled(record: dict[str, Any], factor: float) -> dict[str, Any]:
+    """A face record found in an image reduced by `factor`, in the full image's pixels."""
+    def scale(value):
+        return [scale(v) for v in value] if isinstance(value, list) else round(value * factor, 1)
+    return {**record, **{key: scale(record[key]) for key in _PIXEL_KEYS if record.get(key) is not None}}
 
 
 def _read_bytes(path: Path) -> bytes:
