@@ -1,6 +1,6 @@
 """Age and gender against the by-eye labels in tests/data/attribute_labels.json.
 
-    python bench/accuracy.py [--data ../shared/data] [--download] [--json OUT]
+    python bench/accuracy.py [--data ../shared/data] [--download] [--json OUT] [--stability]
 
 Each labelled face is found again with the default detector (YuNet; IoU >= 0.5 with the
 labelled box) and read by faceflow.agegender.AgeGender, aligned from the detector's five
@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -174,6 +175,48 @@ def report(rows: list[dict], missing: list[str]) -> str:
     return "\n".join(lines)
 
 
+STABILITY_VARIANTS = {
+    "one chip": ((0, 0, False),),
+    "default (CHIP_VARIANTS)": agegender.CHIP_VARIANTS,
+    "ten: 5 offsets x mirror": tuple((dx, dy, m) for dx, dy in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+                                     for m in (False, True)),
+}
+
+
+def stability(data: Path, model_dir=None, download: bool = False, draws: int = 5) -> str:
+    """How much the age estimate moves when the landmarks move by about one chip pixel
+    (uniform noise, the same draws for every variant), and the CPU time per face."""
+    labels = json.loads(LABELS.read_text())["faces"]
+    detector = load_detector(model_dir=model_dir, threads=1)
+    rng = np.random.default_rng(0)
+    faces = []
+    images: dict[str, np.ndarray | None] = {}
+    for entry in labels:
+        if entry["file"] not in images:
+            images[entry["file"]] = load_image(entry["file"], data, download)
+        image = images[entry["file"]]
+        if image is None:
+            continue
+        match = max(detector.detect(image), key=lambda f: iou(f.box, entry["box"]), default=None)
+        if match is not None and iou(match.box, entry["box"]) >= 0.5:
+            points = agegender.dlib5_from_detector(match.landmarks)
+            noise = [np.zeros((5, 2))] + [rng.uniform(-1, 1, (5, 2)) * max(1.0, match.box[2] / agegender.AGE_CHIP)
+                                          for _ in range(draws - 1)]
+            faces.append((image, [points + n for n in noise]))
+    lines = [f"{len(faces)} faces, {draws} landmark draws each (one chip pixel of noise)", "",
+             "| chips | n | age sd (years) | CPU ms a face (age + gender, one thread) |", "|---|---|---|---|"]
+    for name, variants in STABILITY_VARIANTS.items():
+        estimator = agegender.AgeGender(model_dir=model_dir, threads=1, variants=variants)
+        sds, cpu = [], 0.0
+        for image, draws_of_points in faces:
+            start = time.process_time()
+            age, _ = estimator.probabilities(image, draws_of_points)
+            cpu += (time.process_time() - start) / len(draws_of_points)
+            sds.append(np.std([agegender.age_from_distribution(a)["value"] for a in age]))
+        lines.append(f"| {name} | {len(variants)} | {np.mean(sds):.2f} | {1000 * cpu / len(faces):.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -181,11 +224,16 @@ def main(argv=None) -> None:
     ap.add_argument("--download", action="store_true",
                     help="pip download the insightface wheel for t1.jpg if it is not at hand")
     ap.add_argument("--json", type=Path, help="also write the per-face rows here")
+    ap.add_argument("--stability", action="store_true",
+                    help="also measure how much the age moves with landmark noise, per chip set")
     args = ap.parse_args(argv)
     rows, missing = evaluate(args.data, args.models, args.download)
     print(report(rows, missing))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "missing": missing}, indent=1))
+    if args.stability:
+        print()
+        print(stability(args.data, args.models, args.download))
 
 
 if __name__ == "__main__":

@@ -183,8 +183,12 @@ def test_mesh_points_are_used_when_given(estimator, astronaut_bgr, engine):
     broken = Face(box=face.box, score=face.score, landmarks=np.zeros((5, 2), np.float32))
     with_mesh = estimator.estimate(astronaut_bgr, [FaceContext(face=broken, mesh=mesh)])[0]
     age, gender = estimator.probabilities(astronaut_bgr, [points])
-    assert with_mesh["gender"] == gender_from_probabilities(gender[0])
-    assert with_mesh["age"] == age_from_distribution(age[0])
+    # the mesh is float32: equal to the float64 points' answer up to rounding
+    expected_gender, expected_age = gender_from_probabilities(gender[0]), age_from_distribution(age[0])
+    assert with_mesh["gender"]["value"] == expected_gender["value"]
+    assert with_mesh["gender"]["confidence"] == pytest.approx(expected_gender["confidence"], abs=1e-3)
+    assert with_mesh["age"]["value"] == pytest.approx(expected_age["value"], abs=0.15)
+    assert with_mesh["age"]["bucket"] == expected_age["bucket"]
 
 
 # --- accuracy on the labelled set ---------------------------------------------------------------
@@ -199,8 +203,8 @@ def _accuracy_module():
 @pytest.mark.data
 def test_gender_on_the_labelled_set_at_the_reported_rate(model_dir):
     """README, "Age and gender": over the 37 labelled faces, 34 answered (3 null) and 33 of
-    them right (97%); if always answering, 35 right; age in the labelled range for 30.
-    Without insightface's t1.jpg (6 faces) the same counts of misses must hold on the 31."""
+    them right (97%); if always answering, 35 right; age in the labelled range for 31.
+    Without insightface's t1.jpg (6 faces) no more misses than that on the other 31."""
     data_path("images")
     accuracy = _accuracy_module()
     rows, missing = accuracy.evaluate(Path(data_path()), model_dir)
@@ -211,4 +215,4 @@ def test_gender_on_the_labelled_set_at_the_reported_rate(model_dir):
     assert totals["answered"] - totals["correct"] <= 1
     assert totals["faces"] - totals["answered"] <= 3
     assert totals["faces"] - totals["forced_correct"] <= 2
-    assert totals["faces"] - totals["age_in_range"] <= 7
+    assert totals["faces"] - totals["age_in_range"] <= 6

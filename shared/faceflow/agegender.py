@@ -9,8 +9,8 @@ dlib is not needed at run time. Inputs: RGB chips, (pixel - mean) / 256, NCHW; a
 (female, male).
 
 A one-pixel shift of the chip moves the age estimate by years, so every face is read from a
-few jittered and mirrored chips, all faces in one onnxruntime run per network, and the
-probabilities averaged.
+few jittered and mirrored chips (CHIP_VARIANTS), all faces in one onnxruntime run per
+network, and the probabilities averaged.
 """
 from __future__ import annotations
 
@@ -43,8 +43,10 @@ AGE_INTERVAL = (0.1, 0.9)     # low/high: these quantiles of the model's own age
 # Adience's eight age brackets; `bucket` is the nearest one to the estimate.
 AGE_BRACKETS = ((0, 2), (4, 6), (8, 12), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100))
 GENDER_LABELS = ("female", "male")
-# Below this averaged probability for the likelier class, `gender.value` is null: on the
-# labelled set (README, "Age and gender") every wrong answer but one fell below it.
+# Below this averaged probability for the likelier class, `gender.value` is null. On the
+# labelled set (README, "Age and gender"; bench/accuracy.py) it withholds 3 of 37 answers,
+# one of which would have been wrong, and lets one wrong answer through (0.83, an elderly
+# man at 44 px); 0.85 would withhold 5, 0.6 would let a second wrong one through.
 GENDER_MIN_CONFIDENCE = 0.75
 
 # MediaPipe face mesh indices of dlib's five points, in dlib's order: image-right eye
@@ -63,8 +65,12 @@ EYE_CORNER_OFFSETS = np.array([   # (along, down) from each eye's centre
 ])
 NOSE_BASE_FRACTION = 0.40         # of the way from the nose tip to the mouth's centre (sd 0.05)
 
-# Chip jitter: offsets in chip pixels (x, y), each read as is and mirrored.
-JITTER = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+# The chips each face is read from, averaged: (x, y) offset in chip pixels, mirrored. Under
+# one chip pixel of landmark noise, on the labelled faces, the age estimate's sd was 2.0 years
+# from one chip, 1.7 from these four and 1.6 from ten (5 offsets x mirror, 2.5x the time):
+# the age network costs ~4.7 ms of CPU a chip, so four is the default (bench/accuracy.py
+# --stability measures it).
+CHIP_VARIANTS = ((0, 0, False), (0, 0, True), (1, 1, False), (-1, -1, False))
 
 
 def dlib5_from_detector(landmarks: np.ndarray) -> np.ndarray:
@@ -186,7 +192,9 @@ class AgeGender:
     """Estimator for "gender" and "age" (faceflow.analysis's Estimator protocol)."""
     names = ("gender", "age")
 
-    def __init__(self, model_dir: Path | str | None = None, providers=None, threads: int = 0):
+    def __init__(self, model_dir: Path | str | None = None, providers=None, threads: int = 0,
+                 variants: tuple = CHIP_VARIANTS):
+        self.variants = tuple(variants)
         self.age_session = runtime.session(bundle.model_path("age", model_dir), providers, threads)
         self.gender_session = runtime.session(bundle.model_path("gender", model_dir), providers, threads)
         for session, size, classes in ((self.age_session, AGE_CHIP, 81), (self.gender_session, GENDER_CHIP, 2)):
@@ -206,11 +214,11 @@ class AgeGender:
         return None
 
     def chips(self, bgr: np.ndarray, points5: np.ndarray, size: int) -> list[np.ndarray]:
-        """The jittered chips of one face and their mirror images, RGB."""
+        """The chips of one face, one per variant, RGB."""
         out = []
-        for shift in JITTER:
-            rgb = face_chip(bgr, points5, size, shift)[..., ::-1]
-            out += [rgb, rgb[:, ::-1]]
+        for dx, dy, mirrored in self.variants:
+            rgb = face_chip(bgr, points5, size, (dx, dy))[..., ::-1]
+            out.append(rgb[:, ::-1] if mirrored else rgb)
         return out
 
     @staticmethod
@@ -222,7 +230,7 @@ class AgeGender:
 
     def probabilities(self, bgr: np.ndarray, points: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Averaged (age [N,81], gender [N,2]) probabilities for faces given dlib's 5 points."""
-        per_face = 2 * len(JITTER)
+        per_face = len(self.variants)
         results = []
         for session, size in ((self.age_session, AGE_CHIP), (self.gender_session, GENDER_CHIP)):
             chips = [c for p in points for c in self.chips(bgr, p, size)]
