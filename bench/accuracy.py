@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -60,7 +59,7 @@ def insightface_image(name: str, download: bool = False) -> np.ndarray | None:
         return None
     with zipfile.ZipFile(wheels[-1]) as whl:
         data = whl.read(f"insightface/data/images/{name}")
-    return cv2.imdecode(np.frombuffer(io.BytesIO(data).getvalue(), np.uint8), cv2.IMREAD_COLOR)
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
 
 
 def load_image(file: str, data: Path, download: bool = False) -> np.ndarray | None:

@@ -133,6 +133,9 @@ def test_is_pack_tells_a_pack_from_a_faceflow_bundle(pack_dir, model_dir, tmp_pa
     assert not insightface_pack.is_pack(model_dir)        # has faceflow's manifest
     assert not insightface_pack.is_pack(tmp_path)         # no .onnx
     assert not insightface_pack.is_pack(None)
+    # a faceflow folder whose manifest is missing (fetch cut short) is not a pack either
+    (tmp_path / "yunet_2023mar.onnx").write_bytes((model_dir / "yunet_2023mar.onnx").read_bytes())
+    assert not insightface_pack.is_pack(tmp_path)
 
 
 def _image_with_white_cell(col: int, row: int) -> np.ndarray:

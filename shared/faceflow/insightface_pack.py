@@ -37,12 +37,16 @@ GENDERAGE_LABELS = ("female", "male")   # insightface: argmax 1 is "M"
 
 
 def is_pack(model_dir: Path | str | None) -> bool:
-    """A folder of .onnx files without a faceflow manifest."""
+    """A folder of .onnx files that is not a faceflow model folder: no faceflow manifest and
+    none of the files faceflow's manifest names (a half-fetched bundle is not a pack)."""
     if model_dir is None:
         return False
     folder = Path(model_dir)
-    return (folder.is_dir() and not (folder / bundle.MANIFEST_NAME).exists()
-            and any(folder.glob("*.onnx")))
+    if not folder.is_dir() or (folder / bundle.MANIFEST_NAME).exists():
+        return False
+    names = {p.name for p in folder.glob("*.onnx")}
+    faceflow_files = {entry["file"] for entry in bundle.load_manifest()["models"].values()}
+    return bool(names) and not names & faceflow_files
 
 
 def _import_model_zoo():
