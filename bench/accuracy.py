@@ -1,6 +1,7 @@
 """Age and gender against the by-eye labels in tests/data/attribute_labels.json.
 
     python bench/accuracy.py [--data ../shared/data] [--download] [--json OUT] [--stability]
+                             [--dlib-parity]
 
 Each labelled face is found again with the default detector (YuNet; IoU >= 0.5 with the
 labelled box) and read by faceflow.agegender.AgeGender, aligned from the detector's five
@@ -216,6 +217,46 @@ def stability(data: Path, model_dir=None, download: bool = False, draws: int = 5
     return "\n".join(lines)
 
 
+def dlib_parity(data: Path, model_dir=None, download: bool = False) -> str:
+    """faceflow's chips against dlib's own get_face_chip for the same five points (rounded
+    to whole pixels, as dlib.point holds them), one chip per face, and what the networks say
+    of each. Needs dlib in this environment (`pip install dlib-bin`: the bench only; faceflow
+    never imports dlib)."""
+    import dlib
+    labels = json.loads(LABELS.read_text())["faces"]
+    detector = load_detector(model_dir=model_dir, threads=1)
+    estimator = agegender.AgeGender(model_dir=model_dir, threads=1, variants=((0, 0, False),))
+    pixel, age_diff, male_diff = [], [], []
+    for entry in labels:
+        image = load_image(entry["file"], data, download)
+        if image is None:
+            continue
+        match = max(detector.detect(image), key=lambda f: iou(f.box, entry["box"]), default=None)
+        if match is None or iou(match.box, entry["box"]) < 0.5:
+            continue
+        points = np.round(agegender.dlib5_from_detector(match.landmarks))
+        x, y, w, h = (int(v) for v in match.box)
+        shape = dlib.full_object_detection(dlib.rectangle(x, y, x + w, y + h),
+                                           [dlib.point(int(a), int(b)) for a, b in points])
+        rgb = np.ascontiguousarray(image[..., ::-1])
+        probs = {}
+        for size, session in ((agegender.AGE_CHIP, estimator.age_session),
+                              (agegender.GENDER_CHIP, estimator.gender_session)):
+            theirs = np.asarray(dlib.get_face_chip(rgb, shape, size=size, padding=agegender.CHIP_PADDING))
+            ours = agegender.face_chip(image, points, size)[..., ::-1]
+            pixel.append(np.abs(theirs.astype(int) - ours.astype(int)).mean())
+            name = session.get_inputs()[0].name
+            probs[size] = [session.run(None, {name: estimator.blob([c])})[0][0] for c in (theirs, ours)]
+        age_diff.append(agegender.age_from_distribution(probs[agegender.AGE_CHIP][0])["value"]
+                        - agegender.age_from_distribution(probs[agegender.AGE_CHIP][1])["value"])
+        male_diff.append(probs[agegender.GENDER_CHIP][0][1] - probs[agegender.GENDER_CHIP][1][1])
+    a, m = np.abs(age_diff), np.abs(male_diff)
+    return (f"dlib {dlib.__version__} get_face_chip vs faceflow.agegender.face_chip, {len(a)} faces: "
+            f"mean abs pixel difference {np.mean(pixel):.2f}/255 (max {np.max(pixel):.1f}); "
+            f"age from one chip differs by {np.mean(a):.2f} years on average (max {np.max(a):.1f}); "
+            f"p(male) by {np.mean(m):.3f} (max {np.max(m):.3f})")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -225,6 +266,8 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, help="also write the per-face rows here")
     ap.add_argument("--stability", action="store_true",
                     help="also measure how much the age moves with landmark noise, per chip set")
+    ap.add_argument("--dlib-parity", action="store_true",
+                    help="also compare the chips with dlib's own (needs `pip install dlib-bin`)")
     args = ap.parse_args(argv)
     rows, missing = evaluate(args.data, args.models, args.download)
     print(report(rows, missing))
@@ -233,6 +276,9 @@ def main(argv=None) -> None:
     if args.stability:
         print()
         print(stability(args.data, args.models, args.download))
+    if args.dlib_parity:
+        print()
+        print(dlib_parity(args.data, args.models, args.download))
 
 
 if __name__ == "__main__":
