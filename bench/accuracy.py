@@ -1,0 +1,285 @@
+"""Age and gender against the by-eye labels in tests/data/attribute_labels.json.
+
+    python bench/accuracy.py [--data ../shared/data] [--download] [--json OUT] [--stability]
+                             [--dlib-parity]
+
+Each labelled face is found again with the default detector (YuNet; IoU >= 0.5 with the
+labelled box) and read by faceflow.agegender.AgeGender, aligned from the detector's five
+landmarks (no mesh). Prints Markdown tables: gender accuracy where the model answers
+(`gender.value` not null), how often it answers, the accuracy it would have if it always
+answered; how often the age estimate falls in the labelled range; by group (small faces,
+elderly, children, turned heads), and the accuracy and coverage over confidence thresholds
+(how GENDER_MIN_CONFIDENCE was chosen).
+
+t1.jpg comes from the insightface wheel: the installed package, a wheel in
+~/.cache/faceflow/wheels, or (with --download) `pip download --no-deps insightface` into
+that folder. Its faces are left out, with a line saying so, when none of these is there.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "shared"))
+from faceflow import agegender  # noqa: E402
+from faceflow.detectors import load_detector  # noqa: E402
+from faceflow.face import iou  # noqa: E402
+
+LABELS = ROOT / "tests" / "data" / "attribute_labels.json"
+INSIGHTFACE_PREFIX = "insightface:"
+WHEEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "faceflow" / "wheels"
+SMALL_FACE = 40          # px of face width: the chips are 32 and 64 px, and below this little detail is left
+THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def insightface_image(name: str, download: bool = False) -> np.ndarray | None:
+    """An image from insightface's wheel (insightface/data/images/NAME), BGR, or None."""
+    spec = importlib.util.find_spec("insightface")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "images" / name
+        if path.is_file():
+            return cv2.imread(str(path))
+    wheels = sorted(WHEEL_DIR.glob("insightface-*.whl"))
+    if not wheels and download:
+        WHEEL_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "insightface",
+                        "-d", str(WHEEL_DIR)], check=True)
+        wheels = sorted(WHEEL_DIR.glob("insightface-*.whl"))
+    if not wheels:
+        return None
+    with zipfile.ZipFile(wheels[-1]) as whl:
+        data = whl.read(f"insightface/data/images/{name}")
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+def load_image(file: str, data: Path, download: bool = False) -> np.ndarray | None:
+    if file.startswith(INSIGHTFACE_PREFIX):
+        return insightface_image(file[len(INSIGHTFACE_PREFIX):], download)
+    path = data / file
+    return cv2.imread(str(path)) if path.is_file() else None
+
+
+def evaluate(data: Path, model_dir=None, download: bool = False,
+             threads: int = 0) -> tuple[list[dict], list[str]]:
+    """One row per labelled face and the files that could not be read. A row holds the
+    labels (label_gender, label_age [low, high], note), whether the face was found, its
+    size, the likelier gender and its probability (even where the estimator would answer
+    null) and the age the estimator reports."""
+    labels = json.loads(LABELS.read_text())["faces"]
+    detector = load_detector(model_dir=model_dir, threads=threads)
+    estimator = agegender.AgeGender(model_dir=model_dir, threads=threads)
+    rows, missing = [], []
+    by_file: dict[str, list[dict]] = {}
+    for entry in labels:
+        by_file.setdefault(entry["file"], []).append(entry)
+    for file, entries in by_file.items():
+        image = load_image(file, data, download)
+        if image is None:
+            missing.append(file)
+            continue
+        faces = detector.detect(image)
+        for entry in entries:
+            row = {"file": file, "box": entry["box"], "note": entry.get("note", ""),
+                   "label_gender": entry["gender"], "label_age": entry["age"], "found": False}
+            rows.append(row)
+            match = max(faces, key=lambda f: iou(f.box, entry["box"]), default=None)
+            if match is None or iou(match.box, entry["box"]) < 0.5:
+                continue
+            points = agegender.dlib5_from_detector(match.landmarks)
+            age, gender = estimator.probabilities(image, [points])
+            likely = int(np.argmax(gender[0]))
+            row.update(found=True, size=round(match.box[2]), model_gender=agegender.GENDER_LABELS[likely],
+                       confidence=float(gender[0][likely]), age=agegender.age_from_distribution(age[0]))
+    return rows, missing
+
+
+def groups(row: dict) -> list[str]:
+    note = row["note"]
+    out = ["all"]
+    if row["size"] < SMALL_FACE:
+        out.append(f"faces < {SMALL_FACE} px")
+    if row["label_age"][0] >= 50:
+        out.append("elderly (labelled 50+)")
+    if row["label_age"][1] <= 18:
+        out.append("children (labelled under 18)")
+    if any(word in note for word in ("profile", "three-quarter", "looking down", "tilted")):
+        out.append("turned or lowered heads")
+    return out
+
+
+def summarise(rows: list[dict], threshold: float = agegender.GENDER_MIN_CONFIDENCE) -> dict[str, dict]:
+    """Per group: faces; gender answered and correct at `threshold`; correct if it always
+    answered; age estimate in the labelled range; mean years outside the range."""
+    table: dict[str, dict] = {}
+    for row in rows:
+        if not row["found"]:
+            continue
+        right = row["model_gender"] == row["label_gender"]
+        age, (lo, hi) = row["age"]["value"], row["label_age"]
+        for group in groups(row):
+            g = table.setdefault(group, {"faces": 0, "answered": 0, "correct": 0, "forced_correct": 0,
+                                         "age_in_range": 0, "age_miss_years": 0.0})
+            g["faces"] += 1
+            g["forced_correct"] += right
+            if row["confidence"] >= threshold:
+                g["answered"] += 1
+                g["correct"] += right
+            g["age_in_range"] += lo <= age <= hi
+            g["age_miss_years"] += max(lo - age, 0, age - hi)
+    return table
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{100 * a / b:.0f}% ({a}/{b})" if b else "-"
+
+
+def report(rows: list[dict], missing: list[str]) -> str:
+    lines = [f"Gender shown below {agegender.GENDER_MIN_CONFIDENCE} confidence: null "
+             "(GENDER_MIN_CONFIDENCE).", "",
+             "| faces | n | gender correct (answered) | answered | gender correct if forced "
+             "| age in labelled range | mean years outside |",
+             "|---|---|---|---|---|---|---|"]
+    for group, g in summarise(rows).items():
+        lines.append(f"| {group} | {g['faces']} | {_pct(g['correct'], g['answered'])} | "
+                     f"{_pct(g['answered'], g['faces'])} | {_pct(g['forced_correct'], g['faces'])} | "
+                     f"{_pct(g['age_in_range'], g['faces'])} | {g['age_miss_years'] / g['faces']:.1f} |")
+    lines += ["", "| threshold | gender correct (answered) | answered |", "|---|---|---|"]
+    for t in THRESHOLDS:
+        g = summarise(rows, t)["all"]
+        lines.append(f"| {t} | {_pct(g['correct'], g['answered'])} | {_pct(g['answered'], g['faces'])} |")
+    lost = [f"{r['file']} {r['box']}" for r in rows if not r["found"]]
+    if lost:
+        lines += ["", "Not found by the detector: " + ", ".join(lost)]
+    if missing:
+        lines += ["", "Left out (file not available): " + ", ".join(missing)]
+    wrong = [r for r in rows if r["found"] and (r["model_gender"] != r["label_gender"]
+                                                  or not r["label_age"][0] <= r["age"]["value"] <= r["label_age"][1])]
+    if wrong:
+        lines += ["", "| file | box | px | label | model | note |", "|---|---|---|---|---|---|"]
+        for r in wrong:
+            lines.append(f"| {r['file']} | {r['box']} | {r['size']} | {r['label_gender']} "
+                         f"{r['label_age'][0]}-{r['label_age'][1]} | {r['model_gender']} "
+                         f"{r['confidence']:.2f}, {r['age']['value']:.0f} ({r['age']['low']}-{r['age']['high']}) "
+                         f"| {r['note']} |")
+    return "\n".join(lines)
+
+
+STABILITY_VARIANTS = {
+    "one chip": ((0, 0, False),),
+    "default (CHIP_VARIANTS)": agegender.CHIP_VARIANTS,
+    "ten: 5 offsets x mirror": tuple((dx, dy, m) for dx, dy in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+                                     for m in (False, True)),
+}
+
+
+def stability(data: Path, model_dir=None, download: bool = False, draws: int = 5) -> str:
+    """How much the age estimate moves when the landmarks move by about one chip pixel
+    (uniform noise, the same draws for every variant), and the CPU time per face."""
+    labels = json.loads(LABELS.read_text())["faces"]
+    detector = load_detector(model_dir=model_dir, threads=1)
+    rng = np.random.default_rng(0)
+    faces = []
+    images: dict[str, np.ndarray | None] = {}
+    for entry in labels:
+        if entry["file"] not in images:
+            images[entry["file"]] = load_image(entry["file"], data, download)
+        image = images[entry["file"]]
+        if image is None:
+            continue
+        match = max(detector.detect(image), key=lambda f: iou(f.box, entry["box"]), default=None)
+        if match is not None and iou(match.box, entry["box"]) >= 0.5:
+            points = agegender.dlib5_from_detector(match.landmarks)
+            noise = [np.zeros((5, 2))] + [rng.uniform(-1, 1, (5, 2)) * max(1.0, match.box[2] / agegender.AGE_CHIP)
+                                          for _ in range(draws - 1)]
+            faces.append((image, [points + n for n in noise]))
+    lines = [f"{len(faces)} faces, {draws} landmark draws each (one chip pixel of noise)", "",
+             "| chips | n | age sd (years) | CPU ms a face (age + gender, one thread) |", "|---|---|---|---|"]
+    for name, variants in STABILITY_VARIANTS.items():
+        estimator = agegender.AgeGender(model_dir=model_dir, threads=1, variants=variants)
+        sds, cpu = [], 0.0
+        for image, draws_of_points in faces:
+            start = time.process_time()
+            age, _ = estimator.probabilities(image, draws_of_points)
+            cpu += (time.process_time() - start) / len(draws_of_points)
+            sds.append(np.std([agegender.age_from_distribution(a)["value"] for a in age]))
+        lines.append(f"| {name} | {len(variants)} | {np.mean(sds):.2f} | {1000 * cpu / len(faces):.1f} |")
+    return "\n".join(lines)
+
+
+def dlib_parity(data: Path, model_dir=None, download: bool = False) -> str:
+    """faceflow's chips against dlib's own get_face_chip for the same five points (rounded
+    to whole pixels, as dlib.point holds them), one chip per face, and what the networks say
+    of each. Needs dlib in this environment (`pip install dlib-bin`: the bench only; faceflow
+    never imports dlib)."""
+    import dlib
+    labels = json.loads(LABELS.read_text())["faces"]
+    detector = load_detector(model_dir=model_dir, threads=1)
+    estimator = agegender.AgeGender(model_dir=model_dir, threads=1, variants=((0, 0, False),))
+    pixel, age_diff, male_diff = [], [], []
+    for entry in labels:
+        image = load_image(entry["file"], data, download)
+        if image is None:
+            continue
+        match = max(detector.detect(image), key=lambda f: iou(f.box, entry["box"]), default=None)
+        if match is None or iou(match.box, entry["box"]) < 0.5:
+            continue
+        points = np.round(agegender.dlib5_from_detector(match.landmarks))
+        x, y, w, h = (int(v) for v in match.box)
+        shape = dlib.full_object_detection(dlib.rectangle(x, y, x + w, y + h),
+                                           [dlib.point(int(a), int(b)) for a, b in points])
+        rgb = np.ascontiguousarray(image[..., ::-1])
+        probs = {}
+        for size, session in ((agegender.AGE_CHIP, estimator.age_session),
+                              (agegender.GENDER_CHIP, estimator.gender_session)):
+            theirs = np.asarray(dlib.get_face_chip(rgb, shape, size=size, padding=agegender.CHIP_PADDING))
+            ours = agegender.face_chip(image, points, size)[..., ::-1]
+            pixel.append(np.abs(theirs.astype(int) - ours.astype(int)).mean())
+            name = session.get_inputs()[0].name
+            probs[size] = [session.run(None, {name: estimator.blob([c])})[0][0] for c in (theirs, ours)]
+        age_diff.append(agegender.age_from_distribution(probs[agegender.AGE_CHIP][0])["value"]
+                        - agegender.age_from_distribution(probs[agegender.AGE_CHIP][1])["value"])
+        male_diff.append(probs[agegender.GENDER_CHIP][0][1] - probs[agegender.GENDER_CHIP][1][1])
+    a, m = np.abs(age_diff), np.abs(male_diff)
+    return (f"dlib {dlib.__version__} get_face_chip vs faceflow.agegender.face_chip, {len(a)} faces: "
+            f"mean abs pixel difference {np.mean(pixel):.2f}/255 (max {np.max(pixel):.1f}); "
+            f"age from one chip differs by {np.mean(a):.2f} years on average (max {np.max(a):.1f}); "
+            f"p(male) by {np.mean(m):.3f} (max {np.max(m):.3f})")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--models", type=Path, default=None, help="model folder (default: faceflow's)")
+    ap.add_argument("--download", action="store_true",
+                    help="pip download the insightface wheel for t1.jpg if it is not at hand")
+    ap.add_argument("--json", type=Path, help="also write the per-face rows here")
+    ap.add_argument("--stability", action="store_true",
+                    help="also measure how much the age moves with landmark noise, per chip set")
+    ap.add_argument("--dlib-parity", action="store_true",
+                    help="also compare the chips with dlib's own (needs `pip install dlib-bin`)")
+    args = ap.parse_args(argv)
+    rows, missing = evaluate(args.data, args.models, args.download)
+    print(report(rows, missing))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "missing": missing}, indent=1))
+    if args.stability:
+        print()
+        print(stability(args.data, args.models, args.download))
+    if args.dlib_parity:
+        print()
+        print(dlib_parity(args.data, args.models, args.download))
+
+
+if __name__ == "__main__":
+    main()
