@@ -122,6 +122,9 @@ def face_quality(bgr: np.ndarray, face: Face) -> dict[str, float | None]:
 
 
 def _age_gender(model_dir, providers, threads):
+    from . import insightface_pack
+    if insightface_pack.is_pack(model_dir):  # an operator's own pack: its genderage model
+        return insightface_pack.InsightfaceGenderAge.from_pack(model_dir, providers, threads)
     from .agegender import AgeGender
     return AgeGender(model_dir=model_dir, providers=providers, threads=threads)
 
@@ -144,8 +147,10 @@ class Analyzer:
         self.attributes = parse_attributes(attributes)
         self.mesh = None
         if MESH_ATTRIBUTES & set(self.attributes):
+            from . import insightface_pack
             from .facemesh import FaceMesh
-            self.mesh = FaceMesh(model_dir)
+            # A pack holds no 468-point mesh: that comes from faceflow's own bundle.
+            self.mesh = FaceMesh(None if insightface_pack.is_pack(model_dir) else model_dir)
         names = dict.fromkeys(PROVIDER[a] for a in self.attributes)
         self.estimators: list[Estimator] = [ESTIMATORS[n](model_dir, providers, threads)
                                             for n in names]
