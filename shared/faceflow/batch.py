@@ -53,6 +53,31 @@ class Progress:
         self.stream.flush()
 
 
+def run_jobs(label: str, jobs: list[tuple], process, initializer, initargs: tuple, workers: int,
+             on_row=None) -> list[dict]:
+    """`process(*job)` for every job, in `workers` processes (each set up once by
+    `initializer(*initargs)`) or in this one; a progress bar; one row per job, in the order they
+    finish. `on_row(row)` sees each row as it comes (to save progress)."""
+    rows: list[dict] = []
+    progress = Progress(label, len(jobs))
+
+    def finished(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        progress(len(rows))
+
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers, initializer=initializer, initargs=initargs) as pool:
+            for fut in as_completed([pool.submit(process, *job) for job in jobs]):
+                finished(fut.result())
+    elif jobs:
+        initializer(*initargs)
+        for job in jobs:
+            finished(process(*job))
+    return rows
+
+
 # --- workers: one engine per process, loaded once -------------------------------------------
 _worker: dict = {}
 
@@ -117,18 +142,7 @@ def run_batch(args, src_dir: Path, dst_dir: Path) -> int:
     video_kwargs = dict(keep_audio=not args.no_audio, max_missing_s=args.hold, batch=args.batch)
     init = (engine_kwargs, mask_kwargs, video_kwargs, not args.no_verify,
             args.verify_video and not args.no_verify)
-    progress = Progress("anonymize", len(jobs))
-    if args.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=init) as pool:
-            futures = [pool.submit(_process, *job) for job in jobs]
-            for n, fut in enumerate(as_completed(futures), 1):
-                rows.append(fut.result())
-                progress(n)
-    elif jobs:
-        _init_worker(*init)
-        for n, job in enumerate(jobs, 1):
-            rows.append(_process(*job))
-            progress(n)
+    rows += run_jobs("anonymize", jobs, _process, _init_worker, init, args.workers)
     rows.sort(key=lambda r: r["file"])
     summary_path = Path(args.summary) if args.summary else dst_dir / "faceflow-summary.csv"
     write_summary(rows, summary_path)

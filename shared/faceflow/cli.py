@@ -98,7 +98,19 @@ def _attributes(args) -> tuple[str, ...] | None:
 
 def cmd_analyze(args) -> int:
     from .batch import VIDEO_EXTENSIONS, expand_inputs
+    if args.draw and not args.csv:
+        raise BadInput("--draw goes with --csv (a folder of photos)")
     attributes = _attributes(args)
+    if args.csv:
+        from . import facetable
+        if args.format != "json":
+            raise BadInput("--csv writes its own table; leave out --format")
+        engine_kwargs = dict(detector=args.detector, model_dir=args.models, providers=args.providers,
+                             threads=1 if args.workers > 1 else 0, max_side=args.max_side,
+                             threshold=args.threshold)
+        return facetable.run([Path(p) for p in args.paths], Path(args.csv), engine_kwargs=engine_kwargs,
+                             attributes=attributes, workers=args.workers,
+                             draw_dir=Path(args.draw) if args.draw else None, force=args.force)
     engine = _engine(args)
     status = 0
     for path in expand_inputs([Path(p) for p in args.paths]):
@@ -174,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--mesh", action="store_true", help="add the 468 face mesh points to each face")
     z.add_argument("--format", default="json", choices=["json", "rekognition"],
                    help="json: faceflow's records; rekognition: DetectFaces' response, one per photo")
+    z.add_argument("--csv", default=None,
+                   help="photos of the folder(s) into this CSV, a row per face (file, face, box, score, "
+                        "gender, age, pose, sharpness) and per failed file; files already in it are skipped")
+    z.add_argument("--workers", type=int, default=1, help="parallel processes (with --csv)")
+    z.add_argument("--draw", default=None, help="with --csv: write each photo here with boxes and labels")
+    z.add_argument("--force", action="store_true", help="with --csv: redo files already in the CSV")
     engine_options(z)
     z.set_defaults(func=cmd_analyze)
 
