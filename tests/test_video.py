@@ -105,3 +105,42 @@ def test_display_rotation_is_applied(engine, tmp_path, astronaut_bgr):
     x, y, w, h = frames[0]["faces"][0]["box"]
     expected = engine.detect(upright)[0].box
     assert abs(x - expected[0]) < 10 and abs(y - expected[1]) < 10
+
+
+@pytest.mark.parametrize("width, height, pix_fmt, written", [
+    (383, 287, "yuv420p", "yuv444p"),       # odd width and height: 4:2:0 cannot hold them
+    (384, 287, "yuv444p", "yuv444p"),       # odd height, 4:4:4 input
+    (384, 288, "yuv422p10le", "yuv420p"),   # 4:2:2, 10 bit
+    (383, 288, "yuv422p10le", "yuv444p"),
+    (384, 288, "yuv444p", "yuv420p"),
+])
+def test_any_decodable_size_and_pixel_format_is_processed(engine, low_engine, tmp_path, astronaut_bgr,
+                                                          width, height, pix_fmt, written):
+    """H.264 in 4:2:0 takes even sizes only: odd sizes are written in 4:4:4 at the same size,
+    other pixel formats converted; the summary names the format written. (Was: "Generic
+    error in an external library" from the encoder.)"""
+    import cv2
+    import numpy as np
+    picture = cv2.resize(astronaut_bgr, (width, height), interpolation=cv2.INTER_AREA)
+    src = tmp_path / f"in_{pix_fmt}.mkv"
+    with av.open(str(src), "w") as out:
+        s = out.add_stream("ffv1", rate=10)  # lossless, takes any size and format
+        s.width, s.height, s.pix_fmt = width, height, pix_fmt
+        for i in range(6):
+            frame = av.VideoFrame.from_ndarray(np.roll(picture, i, axis=1), format="bgr24")
+            frame.pts = i
+            out.mux(s.encode(frame))
+        out.mux(s.encode())
+    dst = tmp_path / "out.mp4"
+    summary = engine.anonymize_file(src, dst, report=tmp_path / "r.json")
+    assert summary["pix_fmt"] == written
+    frames = json.loads((tmp_path / "r.json").read_text())["frames"]
+    assert len(frames) == 6 and all(len(f["faces"]) == 1 for f in frames)
+    with av.open(str(dst)) as c:
+        v = c.streams.video[0]
+        assert (v.codec_context.name, v.codec_context.format.name) == ("h264", written)
+        decoded = [f.to_ndarray(format="bgr24") for f in c.decode(v)]
+    assert len(decoded) == 6 and decoded[0].shape == (height, width, 3)
+    for masked in decoded:
+        assert low_engine.detect(masked) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in_" + pix_fmt + ".mkv", "out.mp4", "r.json"]

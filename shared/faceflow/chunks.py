@@ -52,8 +52,9 @@ from .anonymize import MaskOptions
 from .face import iou
 from .images import BadInput, atomic_write
 from .tracker import Tracker
-from .video import (MP4_AUDIO, FrameReport, VideoOptions, _audio_stream, _mux_options, _rate,
-                    open_input, probe, process_video)
+from .operations import Mask
+from .pipeline import MP4_AUDIO, audio_stream, mux_options, open_input
+from .video import Around, FrameReport, VideoOptions, probe, process_video, stream_rate
 
 STATE_FORMAT = "faceflow.chunk-state"
 STATE_VERSION = 1
@@ -140,7 +141,7 @@ def split_video(src: Path | str, out_dir: Path | str, target_seconds: float = 2.
             if pts is None:
                 raise BadInput("cannot split: video packets without timestamps")
             timing.append((pts, packet.duration or 0, packet.is_keyframe))
-        rate = _rate(stream)
+        rate = stream_rate(stream)
         codec = stream.codec_context.name
         fmt = container.format.name
         audio_in = container.streams.audio[0] if container.streams.audio else None
@@ -218,7 +219,7 @@ def _write_split(src: Path, chunk_paths: list[Path], bounds, audio_path: Path | 
         audio_in = container.streams.audio[0] if container.streams.audio and audio_path else None
         if audio_in is not None:
             tmp = part(audio_path)
-            aout_c = av.open(str(tmp), "w", options=_mux_options(tmp, audio_in.time_base))
+            aout_c = av.open(str(tmp), "w", options=mux_options(tmp, audio_in.time_base))
             aout = aout_c.add_stream_from_template(audio_in)
         k, i, vout = -1, 0, None
         ends = [b for _, b in bounds]
@@ -231,7 +232,7 @@ def _write_split(src: Path, chunk_paths: list[Path], bounds, audio_path: Path | 
                         out.close()
                     k += 1
                     tmp = part(chunk_paths[k])
-                    out = av.open(str(tmp), "w", options=_mux_options(tmp, stream.time_base))
+                    out = av.open(str(tmp), "w", options=mux_options(tmp, stream.time_base))
                     vout = out.add_stream_from_template(stream)
                 packet.stream = vout
                 out.mux(packet)
@@ -272,7 +273,7 @@ def _encode_params(src: Path, info: dict | None) -> dict[str, Any]:
     vinfo = probe(src)
     with open_input(src) as c:
         stream = c.streams.video[0]
-        rate, tb = _rate(stream), stream.time_base
+        rate, tb = stream_rate(stream), stream.time_base
     return {"rate": str(rate), "time_base": str(tb), "rotation": vinfo.rotation, "fps": vinfo.fps,
             "width": vinfo.display_size[0], "height": vinfo.display_size[1]}
 
@@ -320,13 +321,13 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
     writes it (global frame numbers and seconds), plus the warm-up frames and chunk details
     `merge_reports` needs.
     """
-    from .engine import Mask
     src, chunk = _as_chunk(src_chunk)
     if state is not None:
         state = check_state(state)
     options = video_options or VideoOptions()
     if options.bframes is None:
         options = replace(options, bframes=0)  # dts == pts: chunks join end to end
+    warm_total = None
     if state is not None:
         try:
             enc = dict(state["encode"])
@@ -347,7 +348,12 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
         tracker = Tracker(fps=enc["fps"], max_missing_s=options.max_missing_s)
         first = frame_offset if frame_offset is not None else (chunk.start_frame if chunk else 0)
         shift = 0.0
-        warm_paths = _as_paths(warmup)
+        warm = [_as_chunk(v) for v in (warmup if isinstance(warmup, (list, tuple)) else [warmup])
+                if v is not None]
+        warm_paths = [path for path, _ in warm]
+        # the split counted their frames; paths alone are counted by the pipeline
+        if warm and all(c is not None for _, c in warm):
+            warm_total = sum(c.frames for _, c in warm)
         mode = "warmup" if warm_paths else "first"
     n_warm = 0
     if warm_paths:
@@ -363,13 +369,13 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
 
     summary = None
     try:
+        around = Around(warmup=warm_paths, warmup_frames=n_warm, warmup_total=warm_total,
+                        on_warmup=on_warmup, lookahead=look_paths[0] if look_paths else None,
+                        time_offset=shift, rate=Fraction(enc["rate"]), rotation=enc["rotation"],
+                        time_base=Fraction(enc["time_base"]))
         summary, after = process_video(
             engine, src, dst_chunk, Mask(mask_options or MaskOptions(), engine.detector if verify else None),
-            options, tracker=tracker, frame_offset=first, on_frame=writer,
-            warmup=warm_paths, warmup_frames=n_warm, on_warmup=on_warmup,
-            lookahead=look_paths[0] if look_paths else None, time_offset=shift,
-            rate=Fraction(enc["rate"]), rotation=enc["rotation"], time_base=Fraction(enc["time_base"]),
-            timeline=True)
+            options, tracker=tracker, frame_offset=first, on_frame=writer, around=around)
         summary.update(mode=mode, chunk=None if chunk is None else chunk.index, first_frame=first,
                        time_offset=shift, tracks_in=carried)
         if writer:
@@ -507,7 +513,7 @@ def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None
     out = first_in = audio_in_c = None
     try:
         first_in = open_input(ref.path)
-        out = av.open(str(tmp), "w", options=_mux_options(tmp, ref.time_base))
+        out = av.open(str(tmp), "w", options=mux_options(tmp, ref.time_base))
         vout = out.add_stream_from_template(first_in.streams.video[0])
         aout = a_template = None
         if audio_path is not None:
@@ -517,7 +523,7 @@ def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None
             a_template = first_in.streams.audio[0]
         reencode = False
         if a_template is not None:
-            aout = _audio_stream(a_template, out)
+            aout = audio_stream(a_template, out)
             reencode = aout.codec_context.is_encoder and aout.name != a_template.codec_context.name
 
         def video_packets() -> Iterator:
