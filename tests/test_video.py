@@ -144,3 +144,39 @@ def test_any_decodable_size_and_pixel_format_is_processed(engine, low_engine, tm
     for masked in decoded:
         assert low_engine.detect(masked) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in_" + pix_fmt + ".mkv", "out.mp4", "r.json"]
+
+
+def test_a_failing_operation_stops_every_thread_and_leaves_nothing(engine, tmp_path, astronaut_bgr):
+    """The pipeline's threads (decode, encode) end when the main loop fails; no part file."""
+    import threading
+    import numpy as np
+    from faceflow.video import process_video
+
+    src = tmp_path / "in.mp4"
+    with av.open(str(src), "w") as out:
+        s = out.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 512, 512, "yuv420p"
+        for i in range(40):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.roll(astronaut_bgr, i, 1)), format="bgr24")
+            frame.pts = i
+            out.mux(s.encode(frame))
+        out.mux(s.encode())
+
+    class Broken:
+        def __init__(self):
+            self.calls = 0
+
+        def apply(self, pixels, faces):
+            self.calls += 1
+            if self.calls == 12:
+                raise RuntimeError("operation failed")
+            return pixels
+
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(RuntimeError, match="operation failed"):
+        process_video(engine, src, tmp_path / "out.mp4", Broken())
+    left = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("faceflow")]
+    for t in left:
+        t.join(timeout=10)
+    assert not [t.name for t in left if t.is_alive()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]

@@ -148,6 +148,15 @@ class _Worker:
                 if self.stopped.is_set():
                     return True  # nobody reads any more: the end marker is not needed
 
+    def take(self):
+        """The next item, or the end marker once the pipeline stops."""
+        while True:
+            try:
+                return self.queue.get(timeout=0.1)
+            except queue.Empty:
+                if self.stopped.is_set():
+                    return self._END
+
     def stop(self) -> None:
         self.stopped.set()
         if self.thread.is_alive():
@@ -201,7 +210,7 @@ class Reader:
     def __iter__(self) -> Iterator[Frame]:
         self.worker.thread.start()
         while True:
-            item = self.worker.queue.get()
+            item = self.worker.take()
             if item is _Worker._END:
                 break
             yield item
@@ -382,7 +391,7 @@ class Writer:
     def _encode(self) -> None:
         try:
             while True:
-                item = self.worker.queue.get()
+                item = self.worker.take()
                 if item is _Worker._END:
                     return
                 if isinstance(item, Frame):
