@@ -791,7 +791,7 @@ def process_video_in_chunks(engine, src: Path | str, dst: Path | str, *, workers
                 summaries.append(summary)
         else:
             tasks = [dict(src_chunk=c.to_dict(), dst_chunk=outs[k], report=reps[k],
-                          warmup=[w.path for w in warmup_for(split, k, options)] or None,
+                          warmup=[w.to_dict() for w in warmup_for(split, k, options)] or None,
                           lookahead=chunks[k + 1].path if k + 1 < len(chunks) else None, **common)
                      for k, c in enumerate(chunks)]
             if workers <= 1 or len(chunks) == 1:

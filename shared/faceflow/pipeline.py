@@ -193,17 +193,18 @@ def open_input(path: Path | str) -> av.container.InputContainer:
 
 class Reader:
     """Decodes the segments, in order, on a thread into a bounded queue of `Frame`s numbered
-    from `first_index`. The own file is opened now (its stream tells the writer how to
-    encode); its audio packets go to `audio_sink` as they are demuxed."""
+    from `first_index`. The own segment's audio packets go to `audio_sink` as they are
+    demuxed."""
 
     def __init__(self, segments: list[Segment], layout: Layout, *, first_index: int = 0,
                  fps: float = 25.0, time_offset: float = 0.0, keep_pixels: bool = True,
-                 depth: int = READ_AHEAD, own: av.container.InputContainer | None = None):
+                 depth: int = READ_AHEAD, opened: dict[Path, av.container.InputContainer] | None = None):
         self.segments, self.layout, self.fps = segments, layout, fps
         self.first_index, self.time_offset, self.keep_pixels = first_index, time_offset, keep_pixels
-        self.own = own
         self.audio_sink: Callable[[Any], None] | None = None
-        self.opened: list[av.container.InputContainer] = [] if own is None else [own]
+        # files the caller opened already (to read their streams, or to fail early): read
+        # from there, not opened again; all are closed by close()
+        self.opened = dict(opened or {})
         self.counts: dict[str, int] = {OWN: 0, WARMUP: 0, AHEAD: 0}
         self.worker = _Worker(self._decode, depth, "faceflow-decode")
 
@@ -220,9 +221,9 @@ class Reader:
     def close(self) -> None:
         """Stop decoding; close the inputs (after the writer is done with their audio)."""
         self.worker.stop()
-        for c in self.opened:
+        for c in self.opened.values():
             c.close()
-        self.opened = []
+        self.opened = {}
 
     def _decode(self) -> None:
         index = self.first_index
@@ -231,9 +232,9 @@ class Reader:
             for path in seg.paths:
                 if seg.limit is not None and taken >= seg.limit:
                     break
-                container = self.own if seg.role == OWN and self.own is not None else open_input(path)
-                if container is not self.own:
-                    self.opened.append(container)
+                container = self.opened.get(path)
+                if container is None:
+                    container = self.opened[path] = open_input(path)
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
                 audio = container.streams.audio[0] if (
@@ -463,37 +464,42 @@ def run(engine, reader: Reader, tracker: Tracker, operation, writer: Writer | No
         tally: Tally, batch: int = 1, lookahead: int = 8) -> Tally:
     """decode → detect → track → operate → encode. Frames wait `lookahead` frames after
     tracking, so a face found again after a miss gets interpolated boxes on them too."""
-    layout, held, group = reader.layout, deque(), []
-
-    def detect_and_track():
-        found = engine.detect_batch([f.small for f in group])
+    layout, held = reader.layout, deque()
+    for group in _batches(reader, batch):                                   # decode (a thread)
+        found = engine.detect_batch([frame.small for frame in group])       # detect
         for frame, faces in zip(group, found):
             if frame.role == AHEAD and tally.after_own is None:
-                tally.after_own = tracker.state()
-            frame.faces = tracker.update(frame.index, _scaled(faces, layout.detect_scale), frame.small)
+                tally.after_own = tracker.state()  # what the next chunk starts from
+            frame.faces = tracker.update(frame.index, _scaled(faces, layout.detect_scale),
+                                         frame.small)                       # track
             held.append(frame)
             if len(held) > lookahead:
-                finish(held.popleft())
-        group.clear()
-
-    def finish(frame):
-        if frame.role == AHEAD:
-            return
-        if frame.role == OWN and writer is not None:
-            if operation is not None:
-                operate(operation, frame, layout)
-            writer.put(frame)
-        tally.add(frame)
-
-    for frame in reader:
-        group.append(frame)
-        if len(group) >= batch:
-            detect_and_track()
-    if group:
-        detect_and_track()
+                _finish(held.popleft(), operation, writer, tally, layout)
     while held:
-        finish(held.popleft())
+        _finish(held.popleft(), operation, writer, tally, layout)
     return tally
+
+
+def _batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
+    group: list[Frame] = []
+    for frame in frames:
+        group.append(frame)
+        if len(group) >= size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _finish(frame: Frame, operation, writer: Writer | None, tally: Tally, layout: Layout) -> None:
+    """operate → encode (a thread) a frame that is written; count it."""
+    if frame.role == AHEAD:
+        return
+    if frame.role == OWN and writer is not None:
+        if operation is not None:
+            operate(operation, frame, layout)
+        writer.put(frame)
+    tally.add(frame)
 
 
 def _scaled(faces: list[Face], scale: float) -> list[Face]:

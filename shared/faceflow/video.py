@@ -140,6 +140,7 @@ def process_video(engine, src: Path | str, dst: Path | str | None, operation,
     info = probe(src)  # its own opening: the first frame is decoded for the rotation
     container = open_input(src)
     has_audio = bool(container.streams.audio)
+    opened = {Path(src): container}   # closed by the reader, or here if it never started
     reader = writer = None
     try:
         try:
@@ -160,12 +161,13 @@ def process_video(engine, src: Path | str, dst: Path | str | None, operation,
                                     expect=count))
         segments.append(Segment([Path(src)], OWN))
         if chunk.lookahead is not None:
-            open_input(chunk.lookahead).close()  # a bad neighbour fails now, before anything is written
+            # opened now: a bad neighbour fails before any work is done
+            opened[Path(chunk.lookahead)] = open_input(chunk.lookahead)
             if options.lookahead > 0:
                 segments.append(Segment([Path(chunk.lookahead)], AHEAD, limit=options.lookahead))
         first = frame_offset - (segments[0].expect if segments[0].role == WARMUP else 0)
         reader = Reader(segments, layout, first_index=first, fps=info.fps, time_offset=chunk.time_offset,
-                        keep_pixels=dst is not None, own=container)
+                        keep_pixels=dst is not None, opened=opened)
         if dst is not None:
             audio_in = container.streams.audio[0] if options.keep_audio and container.streams.audio else None
             writer = Writer(dst, layout, Encoding(rate, time_base, options.codec, options.preset, options.crf,
@@ -187,7 +189,8 @@ def process_video(engine, src: Path | str, dst: Path | str | None, operation,
         if reader is not None:
             reader.close()
         else:
-            container.close()
+            for c in opened.values():
+                c.close()
     if tally.after_own is not None:
         tracker = Tracker.from_state(tally.after_own)
     elapsed = time.perf_counter() - start
