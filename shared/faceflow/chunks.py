@@ -306,7 +306,8 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
                   mask_options: MaskOptions | None = None, video_options: VideoOptions | None = None,
                   report: Path | str | None = None, lookahead=None, frame_offset: int | None = None,
                   info: dict | None = None, verify: bool = False,
-                  warmup_s: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  warmup_s: float | None = None, names: tuple[str, str] | None = None
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Anonymise one chunk; returns (summary, state for the next chunk).
 
     `src_chunk`: a path or a `Chunk` (its `start_frame` numbers the frames). `state`: what the
@@ -319,7 +320,8 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
     source's fps, rate, time base, rotation), so all chunks track and encode alike; without
     it they come from `state` or this file. `report`: per-frame JSON as video.FrameReport
     writes it (global frame numbers and seconds), plus the warm-up frames and chunk details
-    `merge_reports` needs.
+    `merge_reports` needs. `names`: (source, output) as the report and summary name them
+    (e.g. the stored objects rather than a worker's temporary files), so it is written once.
     """
     src, chunk = _as_chunk(src_chunk)
     if state is not None:
@@ -361,7 +363,8 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
                   else warmup_frames(enc["fps"], options))
     look_paths = _as_paths(lookahead)
     carried = sorted(t.id for t in tracker.tracks)
-    writer = FrameReport(report, str(src)) if report else None
+    source_name = names[0] if names else str(src)
+    writer = FrameReport(report, source_name) if report else None
     warm_seen: list[dict] = []
 
     def on_warmup(index, seconds, faces):
@@ -376,6 +379,8 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
         summary, after = process_video(
             engine, src, dst_chunk, Mask(mask_options or MaskOptions(), engine.detector if verify else None),
             options, tracker=tracker, frame_offset=first, on_frame=writer, around=around)
+        if names:
+            summary.update(source=names[0], output=names[1])
         summary.update(mode=mode, chunk=None if chunk is None else chunk.index, first_frame=first,
                        time_offset=shift, tracks_in=carried)
         if writer:
