@@ -22,7 +22,10 @@ Runs, one after the other on this machine with default settings:
             --keep-audio is the one non-default flag: without it deface drops the audio,
             which faceflow keeps. The time includes deface's interpreter start and model
             load (about a second); faceflow's includes Engine() (model load).
-Frames/s = frames in the clip / wall-clock seconds of the run.
+Frames/s = frames in the clip / wall-clock seconds of the run. CPU ms/frame (all threads and
+processes of the run, user + system) is printed too: on a machine other work is loading, the
+wall time says little, the CPU time much less disturbed (an idle 2-core machine can give at
+most 2 CPU-seconds a second).
 
 Coverage, two ways:
   report (faceflow only)  A face is covered when >= 80 % of its ground-truth box lies in
@@ -56,6 +59,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -191,8 +195,9 @@ def load() -> str:
 
 # --- the two tools -------------------------------------------------------------------------
 def run_faceflow(clip: Path, out: Path, report: Path) -> tuple[float, dict]:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     summary = Engine().anonymize_file(clip, out, report=report)
+    summary["cpu_s"] = time.process_time() - cpu
     return time.perf_counter() - start, summary
 
 
@@ -218,14 +223,20 @@ def install_deface() -> None:
         raise SystemExit("deface installed but does not run; see the pip output above")
 
 
-def run_deface(clip: Path, out: Path) -> float:
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_deface(clip: Path, out: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one deface run."""
     cmd = [str(VENV / "bin" / "deface"), str(clip), "-o", str(out), *DEFACE_ARGS]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), children_cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0 or not out.exists():
         raise SystemExit(f"deface failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return elapsed
+    return elapsed, children_cpu() - cpu
 
 
 # --- coverage ------------------------------------------------------------------------------
@@ -317,11 +328,12 @@ def main() -> None:
 
     print(f"running faceflow ... ({load()})", flush=True)
     ff_s, summary = run_faceflow(clip, ff_out, ff_report)
-    rows = {"faceflow": {"s": ff_s, "audio": summary["audio"]}}
+    rows = {"faceflow": {"s": ff_s, "cpu": summary["cpu_s"], "audio": summary["audio"]}}
     outputs = [ff_out]
     if not args.skip_deface:
         print(f"running deface (minutes) ... ({load()})", flush=True)
-        rows["deface"] = {"s": run_deface(clip, df_out)}
+        df_s, df_cpu = run_deface(clip, df_out)
+        rows["deface"] = {"s": df_s, "cpu": df_cpu}
         with av.open(str(df_out)) as c:
             rows["deface"]["audio"] = bool(c.streams.audio)
         outputs.append(df_out)
@@ -334,11 +346,12 @@ def main() -> None:
     rows["faceflow"]["report"] = report_covered(ff_report, truth)
     control_pass = [[v < DETAIL_LEFT for v in faces] for faces in ratios[-1]]
 
-    print(f"\n| tool | wall s | frames/s | audio kept | coverage (pixels) | faces covered (pixels) "
-          f"| coverage (report) |\n|---|---|---|---|---|---|---|")
+    print(f"\n| tool | wall s | frames/s | CPU ms/frame | audio kept | coverage (pixels) | faces covered (pixels) "
+          f"| coverage (report) |\n|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         report = f"{all_covered(row['report']):.1%}" if "report" in row else "n/a"
-        print(f"| {name} | {row['s']:.1f} | {frames / row['s']:.2f} | {row['audio']} | "
+        print(f"| {name} | {row['s']:.1f} | {frames / row['s']:.2f} | {1000 * row['cpu'] / frames:.0f} | "
+              f"{row['audio']} | "
               f"{all_covered(row['pixel']):.1%} | {face_share(row['pixel']):.1%} | {report} |")
     print(f"\ncoverage = frames where every ground-truth face is covered; pixels: detail left "
           f"r < {DETAIL_LEFT}; report: >= {REPORT_COVER:.0%} of the box under faceflow's mask")
@@ -364,10 +377,11 @@ def main() -> None:
             n = make_talking_head(small)
             report = work / "talking.json"
             print(f"running faceflow on the {SMALL[0]}x{SMALL[1]} talking head ... ({load()})", flush=True)
-            seconds, _ = run_faceflow(small, work / "talking_out.mp4", report)
+            seconds, small_summary = run_faceflow(small, work / "talking_out.mp4", report)
             seen = [bool(f["faces"]) for f in json.loads(report.read_text())["frames"]]
             fps = n / seconds
-            print(f"faceflow {SMALL[0]}x{SMALL[1]}: {n} frames, {fps:.1f} frames/s (target >= 150: "
+            print(f"faceflow {SMALL[0]}x{SMALL[1]}: {n} frames, {fps:.1f} frames/s, "
+                  f"CPU {1000 * small_summary['cpu_s'] / n:.1f} ms/frame (target >= 150 frames/s: "
                   f"{'met' if fps >= 150 else 'NOT met'}), a face reported on {sum(seen) / len(seen):.1%} "
                   "of frames (the face is in every frame)")
     print(load())

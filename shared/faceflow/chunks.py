@@ -790,14 +790,14 @@ def process_video_in_chunks(engine, src: Path | str, dst: Path | str, *, workers
         if mode == "state":
             state = None
             for k, c in enumerate(chunks):
-                nxt = chunks[k + 1].path if k + 1 < len(chunks) else None
+                nxt = chunks[k + 1] if k + 1 < len(chunks) else None
                 summary, state = process_chunk(engine, c, outs[k], state, lookahead=nxt,
                                                report=reps[k], **common)
                 summaries.append(summary)
         else:
-            tasks = [dict(src_chunk=c.to_dict(), dst_chunk=outs[k], report=reps[k],
-                          warmup=[w.to_dict() for w in warmup_for(split, k, options)] or None,
-                          lookahead=chunks[k + 1].path if k + 1 < len(chunks) else None, **common)
+            tasks = [dict(src_chunk=c, dst_chunk=outs[k], report=reps[k],
+                          warmup=warmup_for(split, k, options) or None,
+                          lookahead=chunks[k + 1] if k + 1 < len(chunks) else None, **common)
                      for k, c in enumerate(chunks)]
             if workers <= 1 or len(chunks) == 1:
                 _worker["engine"] = engine

@@ -309,12 +309,13 @@ def audio_stream(audio_in, out):
 
 @dataclass
 class Encoding:
-    """How the video is encoded: libx264 settings and the timing every chunk shares."""
+    """How the video is encoded (the defaults are video.VideoOptions') and the timing every
+    chunk of one video shares."""
     rate: Fraction
     time_base: Fraction
-    codec: str = "libx264"
-    preset: str = "veryfast"
-    crf: int = 20
+    codec: str
+    preset: str
+    crf: int
     bframes: int | None = None   # None: the encoder's default; chunks use 0 (dts == pts)
     threads: int = 0             # x264's threads; 0: its own choice
 
