@@ -180,3 +180,31 @@ def test_a_failing_operation_stops_every_thread_and_leaves_nothing(engine, tmp_p
         t.join(timeout=10)
     assert not [t.name for t in left if t.is_alive()]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
+def test_masks_on_yuv_planes_cover_what_masks_on_bgr_cover(pix_fmt):
+    """Video frames are masked on their YUV planes: the same pixels as on BGR, every plane."""
+    import numpy as np
+    from faceflow.anonymize import MaskOptions, apply_masks
+    from faceflow.face import Face
+    from faceflow.operations import Mask
+    from faceflow.pipeline import Layout
+
+    layout = Layout(320, 240, 0, pix_fmt, 320, 240)
+    rng = np.random.default_rng(1)
+    data = (rng.integers(30, 220, (3, 240, 320)) if pix_fmt == "yuv444p"
+            else rng.integers(30, 220, (360, 320))).astype(np.uint8)
+    before = data.copy()
+    faces = [Face((40.0, 50.0, 60.0, 70.0), 0.9), Face((250.0, 180.0, 50.0, 80.0), 0.9)]  # one at the edge
+    opts = MaskOptions(method="solid")
+    Mask(opts).apply_planes(layout.planes(data), layout.subsampling, faces)
+    painted = apply_masks(np.zeros((240, 320), np.uint8), faces, MaskOptions(method="solid", color=(1, 1, 1)))
+    y_before, y_after = layout.planes(before)[0], layout.planes(data)[0]
+    assert np.array_equal(y_after != y_before, painted.astype(bool) & (y_before != 16))
+    assert (y_after[painted.astype(bool)] == 16).all()         # black in limited-range YUV
+    sx, sy = layout.subsampling
+    for k in (1, 2):
+        chroma = layout.planes(data)[k]
+        inside = painted[::sy, ::sx].astype(bool)               # chroma samples inside the masks
+        assert (chroma[inside] == 128).all()

@@ -121,6 +121,8 @@ def _paint(target: np.ndarray, face: Face, origin: tuple[int, int], step: tuple[
     x, y, w, h = face.box
     cx, cy = (x + w / 2) / sx - ox, (y + h / 2) / sy - oy
     axes = (max(1, int(w * opts.mask_scale / 2 / sx)), max(1, int(h * opts.mask_scale * 1.1 / 2 / sy)))
+    if step != (1, 1):
+        axes = (axes[0] + 1, axes[1] + 1)  # a subsampled plane's ellipse covers all the full one's
     inside = np.zeros(target.shape[:2], np.uint8)
     cv2.ellipse(inside, (int(cx), int(cy)), axes, 0, 0, 360, 1, -1)
     where = inside.astype(bool)

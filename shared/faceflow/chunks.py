@@ -99,12 +99,10 @@ class SplitResult:
         return cls([Chunk.from_dict(c) for c in d["chunks"]], d.get("audio"), dict(d.get("info") or {}))
 
 
-def _as_chunk(value) -> tuple[Path, Chunk | None]:
+def _as_chunk(value: Chunk | Path | str) -> tuple[Path, Chunk | None]:
+    """A chunk of a plan (its frames known), or a file alone."""
     if isinstance(value, Chunk):
         return Path(value.path), value
-    if isinstance(value, dict):
-        chunk = Chunk.from_dict(value)
-        return Path(chunk.path), chunk
     return Path(value), None
 
 
@@ -310,9 +308,9 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Anonymise one chunk; returns (summary, state for the next chunk).
 
-    `src_chunk`: a path or a `Chunk` (its `start_frame` numbers the frames). `state`: what the
-    previous chunk's process_chunk returned (stream mode; None for the first chunk); it is
-    plain JSON data. `warmup` (parallel mode, no state): the previous chunk (or chunks, in
+    `src_chunk`: a `Chunk` of the split (its `start_frame` numbers the frames) or a path.
+    `state`: what the previous chunk's process_chunk returned (stream mode; None for the
+    first chunk); it is plain JSON data. `warmup` (parallel mode, no state): the previous chunk (or chunks, in
     order), whose last frames are detected and tracked first, not written. `lookahead`: the
     next chunk, whose first `video_options.lookahead` frames are tracked after this chunk's
     so its last frames get the boxes one pass would give (without it they keep the boxes
