@@ -25,8 +25,8 @@ from .anonymize import MaskOptions
 from .face import Face
 from .images import BadInput
 from .operations import Mask
-from .pipeline import (AHEAD, MP4_AUDIO, OWN, WARMUP, Encoding, Layout, Reader, Segment, Tally,  # noqa: F401
-                       Writer, audio_stream, mux_options, open_input, run)
+from .pipeline import (AHEAD, OWN, WARMUP, Encoding, Layout, Reader, Segment, Tally, Writer,
+                       open_input, run)
 from .tracker import Tracker
 
 
