@@ -501,3 +501,15 @@ def test_warmup_reaches_back_over_short_chunks():
     assert C.warmup_for(split, 0) == []
     assert [c.index for c in C.warmup_for(split, 1)] == [0]
     assert [c.index for c in C.warmup_for(split, 3)] == [1, 2]
+
+
+def test_chunk_report_names_what_the_caller_says(engine, tmp_path):
+    """The report is written once with the names given (not rewritten after the fact)."""
+    src = data_path("video", "pyfeat_face_noface.mov")
+    split = C.split_video(src, tmp_path / "split", 2.0)
+    report = tmp_path / "c.json"
+    summary, _ = C.process_chunk(engine, split.chunks[0], tmp_path / "c.mp4", info=split.info, report=report,
+                                 names=("store://in/chunk-0.mov", "store://out/chunk-0.mp4"))
+    written = json.loads(report.read_text())
+    assert written["source"] == summary["source"] == written["summary"]["source"] == "store://in/chunk-0.mov"
+    assert summary["output"] == written["summary"]["output"] == "store://out/chunk-0.mp4"

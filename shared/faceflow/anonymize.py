@@ -83,15 +83,56 @@ def apply_masks(pixels: np.ndarray, faces: list[Face], opts: MaskOptions) -> np.
             continue
         roi = pixels[y1:y2, x1:x2]
         target = roi[..., :color_channels] if color_channels else roi
-        masked = _obscured(np.ascontiguousarray(target), opts)
-        if opts.shape == "box":
-            target[...] = masked
-            continue
-        x, y, w, h = face.box
-        cx, cy = x + w / 2 - x1, y + h / 2 - y1
-        axes = (max(1, int(w * opts.mask_scale / 2)), max(1, int(h * opts.mask_scale * 1.1 / 2)))
-        inside = np.zeros(roi.shape[:2], np.uint8)
-        cv2.ellipse(inside, (int(cx), int(cy)), axes, 0, 0, 360, 1, -1)
-        where = inside.astype(bool)
-        np.copyto(target, masked, where=where[..., None] if target.ndim == 3 else where)
+        _paint(target, face, (x1, y1), (1, 1), opts, _obscured(np.ascontiguousarray(target), opts))
     return pixels
+
+
+def apply_masks_planes(planes: list[np.ndarray], subsampling: tuple[int, int], faces: list[Face],
+                       opts: MaskOptions) -> None:
+    """Mask every face in place on the 8-bit planes of a YUV frame: Y at full size, U and V
+    reduced by `subsampling` (x, y). The same region and ellipse as `apply_masks`, drawn on
+    each plane at its own scale, so a video frame is masked without converting it to BGR."""
+    height, width = planes[0].shape
+    fill = _yuv(opts.color)
+    for face in faces:
+        x1, y1, x2, y2 = mask_region(face, opts.mask_scale, width, height)
+        if x2 - x1 < 2 or y2 - y1 < 2:
+            continue
+        for k, plane in enumerate(planes):
+            sx, sy = (1, 1) if k == 0 else subsampling
+            px1, py1 = x1 // sx, y1 // sy
+            px2, py2 = min(plane.shape[1], -(-x2 // sx)), min(plane.shape[0], -(-y2 // sy))
+            target = plane[py1:py2, px1:px2]
+            if opts.method == "solid":
+                masked = np.full_like(target, fill[k])
+            else:
+                masked = _obscured(np.ascontiguousarray(target), opts)
+            _paint(target, face, (px1, py1), (sx, sy), opts, masked)
+
+
+def _paint(target: np.ndarray, face: Face, origin: tuple[int, int], step: tuple[int, int],
+           opts: MaskOptions, masked: np.ndarray) -> None:
+    """Copy `masked` into `target` (a region at `origin` of an image sampled every `step`
+    pixels of the full frame) inside the face's mask shape."""
+    if opts.shape == "box":
+        target[...] = masked
+        return
+    (sx, sy), (ox, oy) = step, origin
+    x, y, w, h = face.box
+    cx, cy = (x + w / 2) / sx - ox, (y + h / 2) / sy - oy
+    axes = (max(1, int(w * opts.mask_scale / 2 / sx)), max(1, int(h * opts.mask_scale * 1.1 / 2 / sy)))
+    if step != (1, 1):
+        axes = (axes[0] + 1, axes[1] + 1)  # a subsampled plane's ellipse covers all the full one's
+    inside = np.zeros(target.shape[:2], np.uint8)
+    cv2.ellipse(inside, (int(cx), int(cy)), axes, 0, 0, 360, 1, -1)
+    where = inside.astype(bool)
+    np.copyto(target, masked, where=where[..., None] if target.ndim == 3 else where)
+
+
+def _yuv(bgr: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A BGR colour in 8-bit limited-range BT.601 YUV (what H.264 video carries)."""
+    b, g, r = bgr
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    return tuple(int(round(min(255, max(0, c)))) for c in (y, u, v))

@@ -52,8 +52,9 @@ from .anonymize import MaskOptions
 from .face import iou
 from .images import BadInput, atomic_write
 from .tracker import Tracker
-from .video import (MP4_AUDIO, FrameReport, VideoOptions, _audio_stream, _mux_options, _rate,
-                    open_input, probe, process_video)
+from .operations import Mask
+from .pipeline import MP4_AUDIO, audio_stream, mux_options, open_input
+from .video import Around, FrameReport, VideoOptions, probe, process_video, stream_rate
 
 STATE_FORMAT = "faceflow.chunk-state"
 STATE_VERSION = 1
@@ -98,12 +99,10 @@ class SplitResult:
         return cls([Chunk.from_dict(c) for c in d["chunks"]], d.get("audio"), dict(d.get("info") or {}))
 
 
-def _as_chunk(value) -> tuple[Path, Chunk | None]:
+def _as_chunk(value: Chunk | Path | str) -> tuple[Path, Chunk | None]:
+    """A chunk of a plan (its frames known), or a file alone."""
     if isinstance(value, Chunk):
         return Path(value.path), value
-    if isinstance(value, dict):
-        chunk = Chunk.from_dict(value)
-        return Path(chunk.path), chunk
     return Path(value), None
 
 
@@ -140,7 +139,7 @@ def split_video(src: Path | str, out_dir: Path | str, target_seconds: float = 2.
             if pts is None:
                 raise BadInput("cannot split: video packets without timestamps")
             timing.append((pts, packet.duration or 0, packet.is_keyframe))
-        rate = _rate(stream)
+        rate = stream_rate(stream)
         codec = stream.codec_context.name
         fmt = container.format.name
         audio_in = container.streams.audio[0] if container.streams.audio else None
@@ -218,7 +217,7 @@ def _write_split(src: Path, chunk_paths: list[Path], bounds, audio_path: Path | 
         audio_in = container.streams.audio[0] if container.streams.audio and audio_path else None
         if audio_in is not None:
             tmp = part(audio_path)
-            aout_c = av.open(str(tmp), "w", options=_mux_options(tmp, audio_in.time_base))
+            aout_c = av.open(str(tmp), "w", options=mux_options(tmp, audio_in.time_base))
             aout = aout_c.add_stream_from_template(audio_in)
         k, i, vout = -1, 0, None
         ends = [b for _, b in bounds]
@@ -231,7 +230,7 @@ def _write_split(src: Path, chunk_paths: list[Path], bounds, audio_path: Path | 
                         out.close()
                     k += 1
                     tmp = part(chunk_paths[k])
-                    out = av.open(str(tmp), "w", options=_mux_options(tmp, stream.time_base))
+                    out = av.open(str(tmp), "w", options=mux_options(tmp, stream.time_base))
                     vout = out.add_stream_from_template(stream)
                 packet.stream = vout
                 out.mux(packet)
@@ -272,7 +271,7 @@ def _encode_params(src: Path, info: dict | None) -> dict[str, Any]:
     vinfo = probe(src)
     with open_input(src) as c:
         stream = c.streams.video[0]
-        rate, tb = _rate(stream), stream.time_base
+        rate, tb = stream_rate(stream), stream.time_base
     return {"rate": str(rate), "time_base": str(tb), "rotation": vinfo.rotation, "fps": vinfo.fps,
             "width": vinfo.display_size[0], "height": vinfo.display_size[1]}
 
@@ -305,12 +304,13 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
                   mask_options: MaskOptions | None = None, video_options: VideoOptions | None = None,
                   report: Path | str | None = None, lookahead=None, frame_offset: int | None = None,
                   info: dict | None = None, verify: bool = False,
-                  warmup_s: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  warmup_s: float | None = None, names: tuple[str, str] | None = None
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Anonymise one chunk; returns (summary, state for the next chunk).
 
-    `src_chunk`: a path or a `Chunk` (its `start_frame` numbers the frames). `state`: what the
-    previous chunk's process_chunk returned (stream mode; None for the first chunk); it is
-    plain JSON data. `warmup` (parallel mode, no state): the previous chunk (or chunks, in
+    `src_chunk`: a `Chunk` of the split (its `start_frame` numbers the frames) or a path.
+    `state`: what the previous chunk's process_chunk returned (stream mode; None for the
+    first chunk); it is plain JSON data. `warmup` (parallel mode, no state): the previous chunk (or chunks, in
     order), whose last frames are detected and tracked first, not written. `lookahead`: the
     next chunk, whose first `video_options.lookahead` frames are tracked after this chunk's
     so its last frames get the boxes one pass would give (without it they keep the boxes
@@ -318,15 +318,16 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
     source's fps, rate, time base, rotation), so all chunks track and encode alike; without
     it they come from `state` or this file. `report`: per-frame JSON as video.FrameReport
     writes it (global frame numbers and seconds), plus the warm-up frames and chunk details
-    `merge_reports` needs.
+    `merge_reports` needs. `names`: (source, output) as the report and summary name them
+    (e.g. the stored objects rather than a worker's temporary files), so it is written once.
     """
-    from .engine import Mask
     src, chunk = _as_chunk(src_chunk)
     if state is not None:
         state = check_state(state)
     options = video_options or VideoOptions()
     if options.bframes is None:
         options = replace(options, bframes=0)  # dts == pts: chunks join end to end
+    warm_total = None
     if state is not None:
         try:
             enc = dict(state["encode"])
@@ -347,7 +348,12 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
         tracker = Tracker(fps=enc["fps"], max_missing_s=options.max_missing_s)
         first = frame_offset if frame_offset is not None else (chunk.start_frame if chunk else 0)
         shift = 0.0
-        warm_paths = _as_paths(warmup)
+        warm = [_as_chunk(v) for v in (warmup if isinstance(warmup, (list, tuple)) else [warmup])
+                if v is not None]
+        warm_paths = [path for path, _ in warm]
+        # the split counted their frames; paths alone are counted by the pipeline
+        if warm and all(c is not None for _, c in warm):
+            warm_total = sum(c.frames for _, c in warm)
         mode = "warmup" if warm_paths else "first"
     n_warm = 0
     if warm_paths:
@@ -355,7 +361,8 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
                   else warmup_frames(enc["fps"], options))
     look_paths = _as_paths(lookahead)
     carried = sorted(t.id for t in tracker.tracks)
-    writer = FrameReport(report, str(src)) if report else None
+    source_name = names[0] if names else str(src)
+    writer = FrameReport(report, source_name) if report else None
     warm_seen: list[dict] = []
 
     def on_warmup(index, seconds, faces):
@@ -363,13 +370,15 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
 
     summary = None
     try:
+        around = Around(warmup=warm_paths, warmup_frames=n_warm, warmup_total=warm_total,
+                        on_warmup=on_warmup, lookahead=look_paths[0] if look_paths else None,
+                        time_offset=shift, rate=Fraction(enc["rate"]), rotation=enc["rotation"],
+                        time_base=Fraction(enc["time_base"]))
         summary, after = process_video(
             engine, src, dst_chunk, Mask(mask_options or MaskOptions(), engine.detector if verify else None),
-            options, tracker=tracker, frame_offset=first, on_frame=writer,
-            warmup=warm_paths, warmup_frames=n_warm, on_warmup=on_warmup,
-            lookahead=look_paths[0] if look_paths else None, time_offset=shift,
-            rate=Fraction(enc["rate"]), rotation=enc["rotation"], time_base=Fraction(enc["time_base"]),
-            timeline=True)
+            options, tracker=tracker, frame_offset=first, on_frame=writer, around=around)
+        if names:
+            summary.update(source=names[0], output=names[1])
         summary.update(mode=mode, chunk=None if chunk is None else chunk.index, first_frame=first,
                        time_offset=shift, tracks_in=carried)
         if writer:
@@ -507,7 +516,7 @@ def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None
     out = first_in = audio_in_c = None
     try:
         first_in = open_input(ref.path)
-        out = av.open(str(tmp), "w", options=_mux_options(tmp, ref.time_base))
+        out = av.open(str(tmp), "w", options=mux_options(tmp, ref.time_base))
         vout = out.add_stream_from_template(first_in.streams.video[0])
         aout = a_template = None
         if audio_path is not None:
@@ -517,7 +526,7 @@ def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None
             a_template = first_in.streams.audio[0]
         reencode = False
         if a_template is not None:
-            aout = _audio_stream(a_template, out)
+            aout = audio_stream(a_template, out)
             reencode = aout.codec_context.is_encoder and aout.name != a_template.codec_context.name
 
         def video_packets() -> Iterator:
@@ -779,14 +788,14 @@ def process_video_in_chunks(engine, src: Path | str, dst: Path | str, *, workers
         if mode == "state":
             state = None
             for k, c in enumerate(chunks):
-                nxt = chunks[k + 1].path if k + 1 < len(chunks) else None
+                nxt = chunks[k + 1] if k + 1 < len(chunks) else None
                 summary, state = process_chunk(engine, c, outs[k], state, lookahead=nxt,
                                                report=reps[k], **common)
                 summaries.append(summary)
         else:
-            tasks = [dict(src_chunk=c.to_dict(), dst_chunk=outs[k], report=reps[k],
-                          warmup=[w.path for w in warmup_for(split, k, options)] or None,
-                          lookahead=chunks[k + 1].path if k + 1 < len(chunks) else None, **common)
+            tasks = [dict(src_chunk=c, dst_chunk=outs[k], report=reps[k],
+                          warmup=warmup_for(split, k, options) or None,
+                          lookahead=chunks[k + 1] if k + 1 < len(chunks) else None, **common)
                      for k, c in enumerate(chunks)]
             if workers <= 1 or len(chunks) == 1:
                 _worker["engine"] = engine

@@ -11,52 +11,22 @@ beside masking without touching the decode/detect/encode flow.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import images, media
-from .anonymize import MaskOptions, apply_masks
+from .anonymize import MaskOptions
 from .detectors import DEFAULT_DETECTOR, Detector, load_detector
-from .face import Face, iou
+from .face import Face
+from .operations import VERIFY_THRESHOLD, Mask, Operation  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from .analysis import Analyzer
 
-# Masked output must show no face to the detector even at a low threshold (0.3); check
-# below it to leave room for what re-encoding changes.
-VERIFY_THRESHOLD = 0.2
-
 VIDEO_EXTENSIONS = media.VIDEO_EXTENSIONS
-
-
-class Operation(Protocol):
-    def apply(self, pixels: np.ndarray, faces: list[Face]) -> np.ndarray: ...
-
-
-@dataclass
-class Mask:
-    """Mask faces; with `verify`, look again at a low threshold and mask harder where the
-    detector still sees a face inside a mask (the irreversibility check, up to 3 rounds)."""
-    options: MaskOptions = field(default_factory=MaskOptions)
-    verify: Detector | None = None
-    verify_threshold: float = VERIFY_THRESHOLD
-
-    def apply(self, pixels: np.ndarray, faces: list[Face]) -> np.ndarray:
-        apply_masks(pixels, faces, self.options)
-        if self.verify is None or not faces:
-            return pixels
-        opts = self.options
-        for _ in range(3):
-            seen = self.verify.detect(images.to_bgr8(pixels), self.verify_threshold)
-            again = [f for f in faces if any(iou(f.box, s.box) > 0 for s in seen)]
-            if not again:
-                break
-            opts = opts.stronger()
-            apply_masks(pixels, again, opts)
-        return pixels
 
 
 @dataclass

@@ -38,4 +38,7 @@ def session(path: Path | str, providers: list[str] | str | None = None,
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
     opts.inter_op_num_threads = 1
+    # Threads that spin while waiting for work take the cores video decoding and encoding
+    # (and other processes) need; waiting costs less than the cycles they burn.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=resolve_providers(providers))
