@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("paths", nargs="+")
     z.add_argument("--attributes", default=None,
                    help="what to compute per face, comma-separated: gender, age, pose, quality, eyes, mesh, "
-                        "or none (default: all but mesh when the models are installed; photos only)")
+                        "or none (default: all but mesh when the models are installed; in a video, a sample of each track's faces)")
     z.add_argument("--mesh", action="store_true", help="add the 468 face mesh points to each face")
     z.add_argument("--format", default="json", choices=["json", "rekognition"],
                    help="json: faceflow's records; rekognition: DetectFaces' response, one per photo")

@@ -141,11 +141,12 @@ class Engine:
         return result.report
 
     def analyze_file(self, src: Path | str, attributes=None) -> dict[str, Any]:
-        """`attributes` apply to photos; a video is reported as before."""
+        """A photo's faces with `attributes`; a video's faces per frame, with `attributes` on a
+        sample of each track's faces and per track their summary (faceflow.trackanalysis)."""
         src = Path(src)
         if src.suffix.lower() in VIDEO_EXTENSIONS:
             from .video import analyze_video
-            return analyze_video(self, src)
+            return analyze_video(self, src, attributes=attributes)
         return self.analyze_bytes(_read_bytes(src), source=str(src), attributes=attributes)
 
 

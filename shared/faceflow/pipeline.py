@@ -500,6 +500,8 @@ def _finish(frame: Frame, operation, writer: Writer | None, tally: Tally, layout
         if operation is not None:
             operate(operation, frame, layout)
         writer.put(frame)
+    elif frame.role == OWN and hasattr(operation, "observe"):
+        operation.observe(frame, layout)  # reads frames, writes none (trackanalysis)
     tally.add(frame)
 
 

@@ -256,9 +256,15 @@ def anonymize_video(engine, src, dst, mask_options: MaskOptions | None = None,
     return summary
 
 
-def analyze_video(engine, src, options: VideoOptions | None = None) -> dict[str, Any]:
+def analyze_video(engine, src, options: VideoOptions | None = None, attributes=None) -> dict[str, Any]:
+    """Faces per frame and, per track, what was seen of it; with `attributes`
+    (faceflow.analysis names), a sample of each track's faces is analysed and each track
+    summarised (faceflow.trackanalysis)."""
+    from .trackanalysis import TrackAnalysis
     frames: list[dict] = []
-    summary, _ = process_video(engine, src, None, None, options, on_frame=lambda i, t, faces: frames.append(
+    analysis = TrackAnalysis(engine.analyzer(attributes) if attributes else None, probe(src).fps)
+    summary, _ = process_video(engine, src, None, analysis, options, on_frame=lambda i, t, faces: frames.append(
         {"frame": i, "time": round(t, 4), "faces": [f.to_dict() for f in faces]}))
     return {"source": str(src), "width": summary["width"], "height": summary["height"],
-            "fps": summary["fps"], "frames": frames, "summary": summary}
+            "fps": summary["fps"], "frames": frames, "tracks": analysis.tracks(), "summary": summary}
+
