@@ -29,6 +29,8 @@ LEFT_OUT_OF_THE_IMAGE = ("functions/gpu/",)
 LAMBDA_PYTHON_IMAGE = "public.ecr.aws/lambda/python:3.12"
 MODEL_DIR = "/opt/faceflow/models"
 UPLOAD_PREFIX, RESULT_PREFIX = "uploads/", "results/"  # functions/common/settings.py
+ANALYZE_PREFIX = "analyze/"                             # the same, for analysis (report only)
+TRIGGER_PREFIXES = (UPLOAD_PREFIX, ANALYZE_PREFIX)
 ROUTES = {("POST", "/v1/jobs"), ("GET", "/v1/jobs/{id}"), ("GET", "/v1/jobs/{id}/result"),
           ("GET", "/v1/jobs/{id}/upload"), ("POST", "/v1/jobs/{id}/complete"),
           ("POST", "/v1/analyze"), ("POST", "/v1/anonymize")}
@@ -395,12 +397,14 @@ def _grants(statements: list[dict]) -> set[tuple[str, str]]:
 def test_function_policies_are_least_privilege(template):
     arn = "arn:${AWS::Partition}:s3:::"
     inp, out = bucket_name(template, "InputBucket"), bucket_name(template, "OutputBucket")
-    uploads, results = f"{arn}{inp}/{UPLOAD_PREFIX}*", f"{arn}{out}/{RESULT_PREFIX}*"
+    results = f"{arn}{out}/{RESULT_PREFIX}*"
+    inputs = [f"{arn}{inp}/{prefix}*" for prefix in TRIGGER_PREFIXES]
     assert _grants(_function_statements(template, "StillsFunction")) == {
-        ("s3:GetObject", uploads), ("s3:GetObjectVersion", uploads), ("s3:GetObjectTagging", uploads),
+        *((a, uploads) for uploads in inputs for a in ("s3:GetObject", "s3:GetObjectVersion", "s3:GetObjectTagging")),
         ("s3:PutObject", results)}
     assert _grants(_function_statements(template, "ApiFunction")) == {
-        ("s3:PutObject", uploads), ("s3:ListMultipartUploadParts", uploads), ("s3:AbortMultipartUpload", uploads),
+        *((a, uploads) for uploads in inputs
+          for a in ("s3:PutObject", "s3:ListMultipartUploadParts", "s3:AbortMultipartUpload")),
         ("s3:GetObject", results)}
 
 
@@ -426,6 +430,8 @@ def test_buckets_are_private_encrypted_https_only_and_expire(template):
         rules = props["LifecycleConfiguration"]["Rules"]
         assert any(r.get("Prefix") == expected_prefix[name] and "ExpirationInDays" in r
                    and r["Status"] == "Enabled" for r in rules), name
+        if name == "InputBucket":
+            assert any(r.get("Prefix") == ANALYZE_PREFIX and "ExpirationInDays" in r for r in rules)
         deny = [s for s in policies[name]["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"]
         assert any(s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} for s in deny), name
 
@@ -467,12 +473,15 @@ def test_only_the_input_bucket_triggers_processing(template):
             assert props["Bucket"] == {"Ref": "InputBucket"}, f"{ev_name}: S3 events on the input bucket only"
             assert as_list(props["Events"]) == ["s3:ObjectCreated:*"], ev_name
             rules = {r["Name"]: r["Value"] for r in props["Filter"]["S3Key"]["Rules"]}
-            assert rules["prefix"] == UPLOAD_PREFIX, ev_name
-            suffixes.append(rules["suffix"])
-            by_function.setdefault(fn_name, set()).add(rules["suffix"])
-    assert len(suffixes) == len(set(suffixes)), "one event per suffix"
-    assert by_function["SplitFunction"] == {case(ext) for ext in VIDEO_SUFFIXES for case in (str.lower, str.upper)}
-    suffixes = sorted(by_function["StillsFunction"])
+            assert rules["prefix"] in TRIGGER_PREFIXES, ev_name
+            suffixes.append((rules["prefix"], rules["suffix"]))
+            by_function.setdefault((fn_name, rules["prefix"]), set()).add(rules["suffix"])
+    assert len(suffixes) == len(set(suffixes)), "one event per prefix and suffix"
+    for prefix in TRIGGER_PREFIXES:  # the analysis prefix triggers on what uploads/ does
+        assert by_function[("SplitFunction", prefix)] == {
+            case(ext) for ext in VIDEO_SUFFIXES for case in (str.lower, str.upper)}
+        assert by_function[("StillsFunction", prefix)] == by_function[("StillsFunction", UPLOAD_PREFIX)]
+    suffixes = sorted(by_function[("StillsFunction", UPLOAD_PREFIX)])
     wanted = {case(ext) for ext in EXTENSION_FORMAT for case in (str.lower, str.upper)}
     assert wanted <= set(suffixes), f"formats the engine accepts but nothing triggers on: {wanted - set(suffixes)}"
     assert {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".avif"} <= set(suffixes)  # phones too
@@ -488,7 +497,7 @@ def test_output_bucket_never_triggers_after_the_sam_transform(transformed):
     for config in notifications["LambdaConfigurations"]:
         targets.add(config["Function"]["Ref"])
         rules = {r["Name"]: r["Value"] for r in config["Filter"]["S3Key"]["Rules"]}
-        assert rules["prefix"] == UPLOAD_PREFIX
+        assert rules["prefix"] in TRIGGER_PREFIXES
     assert targets == {"StillsFunctionAliaslive", "SplitFunctionAliaslive"}
     for config in notifications["QueueConfigurations"]:
         rules = {r["Name"]: r["Value"] for r in config["Filter"]["S3Key"]["Rules"]}
@@ -614,9 +623,10 @@ def test_video_function_policies_are_least_privilege(template):
     queue = lambda name: json.dumps({"Fn::GetAtt": [name, "Arn"]})  # noqa: E731
     listing = lambda prefix: json.dumps({"StringLike": {"s3:prefix": f"{prefix}*"}})  # noqa: E731
     assert grants("SplitFunction") == {
-        ("s3:GetObject", f"{arn}{inp}/{UPLOAD_PREFIX}*", none),
-        ("s3:GetObjectTagging", f"{arn}{inp}/{UPLOAD_PREFIX}*", none),
+        *((a, f"{arn}{inp}/{prefix}*", none) for prefix in TRIGGER_PREFIXES
+          for a in ("s3:GetObject", "s3:GetObjectTagging")),
         ("s3:PutObject", f"{arn}{out}/{WORK_PREFIX}*", none),
+        ("s3:PutObject", f"{arn}{out}/{RESULT_PREFIX}*", none),  # an analysed video's report
         ("sqs:SendMessage", queue("ChunkQueue"), none)}
     consume = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"}
     assert grants("ChunkWorkerFunction") == {

@@ -1,7 +1,8 @@
 """The HTTP API (API Gateway HTTP API, payload 2.0).
 
-    POST /v1/jobs                 create a job (a photo or a video; optional sensitivity and
-                                  priority, used by the routing): a job id and where to upload,
+    POST /v1/jobs                 create a job (a photo or a video; operation anonymize, the
+                                  default, or analyze: the JSON report only; optional sensitivity
+                                  and priority, used by the routing): a job id and where to upload,
                                   one presigned PUT or, for `size` at or above the multipart
                                   threshold, an S3 multipart upload (presigned part URLs)
     GET  /v1/jobs/{id}            status (queued, running, done, failed), stage, route, progress
@@ -10,7 +11,8 @@
                                   missing ones (resume after a broken connection)
     POST /v1/jobs/{id}/complete   join the parts: the upload becomes the job's input and it starts
     GET  /v1/jobs/{id}/result     presigned download URLs of the result and its report
-    POST /v1/analyze              small image in (raw body or multipart) → faces as JSON
+    POST /v1/analyze              small image in (raw body or multipart) → faces and their
+                                  attributes as JSON (?attributes=, ?format=json|rekognition)
     POST /v1/anonymize            small image in → anonymised image out
     GET  /v1/openapi.json         this API's OpenAPI document
 
@@ -55,7 +57,7 @@ from faceflow import media
 from functions.common.aws import Adapters, make_tracer, result_keys
 from functions.common.jobs import DONE, FAILED, QUEUED, new_job_id
 from functions.common.settings import UPLOAD_CONTENT_TYPES as PHOTO_CONTENT_TYPES
-from functions.common.settings import UPLOAD_PREFIX
+from functions.common.settings import ANALYZE, ANALYZE_PREFIX, ANONYMIZE, UPLOAD_PREFIX
 
 
 def parse_json_body(text: str) -> Any:
@@ -159,6 +161,10 @@ class JobRequest(BaseModel):
         default=None, description="private: processed only by the Lambda functions, never the GPU endpoint")
     priority: Optional[Literal["low", "normal", "high"]] = Field(
         default=None, description="low-priority long videos may wait for the GPU endpoint")
+    operation: Optional[Literal["anonymize", "analyze"]] = Field(
+        default=None, description="anonymize (default): the masked photo or video and its report; analyze: only the "
+                                  "JSON report, each face with its attributes (a video: per frame, and per track a "
+                                  "summary of a sample of its faces)")
 
 
 class Upload(BaseModel):
@@ -218,6 +224,7 @@ class Job(BaseModel):
     updated: float
     stage: Optional[str] = None
     route: Optional[str] = None
+    operation: Optional[str] = None
     progress: Optional[Progress] = None
     error: Optional[str] = None
     outputs: Optional[dict[str, str]] = None
@@ -226,6 +233,7 @@ class Job(BaseModel):
 
 
 class ResultLinks(BaseModel):
+    """An analysis job has only its report."""
     image_url: Optional[str] = None
     video_url: Optional[str] = None
     report_url: str
@@ -240,6 +248,12 @@ class FacesFound(BaseModel):
     height: int
     format: str
     faces: list[dict[str, Any]]
+
+
+class DetectFaces(BaseModel):
+    """Amazon Rekognition DetectFaces' response shape (see the README's Rekognition mapping)."""
+    model_config = {"extra": "allow"}
+    FaceDetails: list[dict[str, Any]]
 
 
 ERROR_MEANINGS = {
@@ -324,10 +338,11 @@ def create_job(request: JobRequest) -> JobCreated:
     if size is not None and size > MAX_MULTIPART_BYTES:
         raise ServiceError(413, f"{size} bytes is over the limit of {MAX_MULTIPART_BYTES}")
     job_id = new_job_id()
-    key = f"{UPLOAD_PREFIX}{job_id}/{request.filename}"
+    operation = request.operation or ANONYMIZE
+    key = f"{ANALYZE_PREFIX if operation == ANALYZE else UPLOAD_PREFIX}{job_id}/{request.filename}"
     content_type = request.content_type or UPLOAD_CONTENT_TYPES[suffix]
     record = dict(owner=caller(), input=f"s3://{settings.input_bucket}/{key}", media="video" if is_video else "image",
-                  sensitivity=request.sensitivity, priority=request.priority)
+                  sensitivity=request.sensitivity, priority=request.priority, operation=operation)
     if size is not None and size >= MULTIPART_THRESHOLD_BYTES:
         upload_id = adapters.s3.create_multipart_upload(
             Bucket=settings.input_bucket, Key=key, ContentType=content_type)["UploadId"]
@@ -504,9 +519,9 @@ def recorded_links(job: dict, link) -> Optional[ResultLinks]:
         if match and match["bucket"] == adapters.settings.output_bucket:
             keys[kind] = match["key"]
     main = next((k for k in ("video", "image", "output") if k in keys), None)
-    if main is None or "report" not in keys:
+    if "report" not in keys or main is None and job.get("operation") != ANALYZE:
         return None
-    urls = {"video_url" if main == "video" else "image_url": link(keys[main])}
+    urls = {} if main is None else {"video_url" if main == "video" else "image_url": link(keys[main])}
     return ResultLinks(**urls, report_url=link(keys["report"]), expires_in=adapters.settings.url_ttl_s)
 
 
@@ -542,19 +557,44 @@ def request_image() -> bytes:
     return data
 
 
-@app.post("/v1/analyze", operation_id="analyze", responses=answers(200, "the faces found", json_of(FacesFound), 400, 413, 415))
+# The names are faceflow.analysis.ATTRIBUTES; openapi_json() writes them into the document
+# (importing that module here would load cv2 on every cold start, job routes included).
+ATTRIBUTE_LIST = r"^[A-Za-z]{1,20}(,[A-Za-z]{1,20}){0,9}$"
+
+
+@app.post("/v1/analyze", operation_id="analyze", responses=answers(
+    200, "the faces found, each with its attributes (format=json), or DetectFaces' response (format=rekognition)",
+    {content_types.APPLICATION_JSON: {"schema": {"oneOf": [{"$ref": "#/components/schemas/FacesFound"},
+                                                           {"$ref": "#/components/schemas/DetectFaces"}]}}},
+    400, 413, 415))
 @tracer.capture_method(capture_response=False)
-def analyze() -> FacesFound:
+def analyze(attributes: Annotated[Optional[str], Query(pattern=ATTRIBUTE_LIST, description=(
+                "what to compute per face, comma-separated, or none (detection only); default: every attribute "
+                "but the mesh"))] = None,
+            format: Annotated[Literal["json", "rekognition"], Query(description=(
+                "json: faceflow's record; rekognition: Amazon Rekognition DetectFaces' response"))] = "json",
+            ) -> Union[FacesFound, DetectFaces]:
+    from faceflow.analysis import MESH_ATTRIBUTES, parse_attributes
     from faceflow.images import BadInput, TooLarge
+    try:
+        chosen = parse_attributes(attributes)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+    if format == "rekognition" and MESH_ATTRIBUTES & set(chosen):
+        chosen = parse_attributes((*chosen, "mesh"))  # its Landmarks come from the mesh that runs anyway
     data = request_image()  # size-checked before the engine is even loaded
     try:
-        record = engine().analyze_bytes(data, source="request", memory_bytes=adapters.settings.memory_bytes)
+        record = engine().analyze_bytes(data, source="request", attributes=chosen or None,
+                                        memory_bytes=adapters.settings.memory_bytes)
     except TooLarge as exc:
         raise ServiceError(413, str(exc)) from None
     except BadInput as exc:
         raise BadRequestError(str(exc)) from None
     metrics.add_metric(name="FacesFound", unit=MetricUnit.Count, value=len(record["faces"]))
-    return record
+    if format == "rekognition":
+        from faceflow.rekognition import detect_faces_response
+        return DetectFaces(**detect_faces_response(record))
+    return FacesFound(**record)
 
 
 # No return annotation: the body is an image, which Powertools would try to validate as JSON.
@@ -602,6 +642,12 @@ def openapi_json() -> str:
             "required": True, "description": f"one image, at most {adapters.settings.max_sync_bytes} bytes",
             "content": {**{t: image for t in IMAGE_BODY_TYPES if t != "multipart/form-data"},
                         "multipart/form-data": form}}
+    from faceflow.analysis import ATTRIBUTES
+    names = "|".join(ATTRIBUTES)
+    for parameter in document["paths"]["/v1/analyze"]["post"].get("parameters", []):
+        if parameter["name"] == "attributes":
+            parameter["schema"] = {"type": "string", "pattern": f"^(none|({names})(,({names})){{0,9}})$"}
+            parameter["description"] += f" (from {', '.join(ATTRIBUTES)})"
     for operations in document["paths"].values():
         for operation in operations.values():
             operation["responses"].pop("422", None)

@@ -21,9 +21,10 @@ from aws_lambda_powertools.utilities.idempotency.persistence.cache import CacheP
 from botocore.config import Config
 
 from .jobs import JobStore, job_id_for_object
-from .settings import RESULT_PREFIX, UPLOAD_PREFIX, Settings
+from .settings import PREFIX_OPERATIONS, RESULT_PREFIX, Settings
 
-_API_JOB_KEY = re.compile(rf"^{UPLOAD_PREFIX}(?P<job>[0-9a-f]{{32}})/(?P<name>[^/]+)$")
+_PREFIXES = "|".join(re.escape(p) for p in PREFIX_OPERATIONS)
+_API_JOB_KEY = re.compile(rf"^(?:{_PREFIXES})(?P<job>[0-9a-f]{{32}})/(?P<name>[^/]+)$")
 
 
 class Adapters:
@@ -95,12 +96,19 @@ def object_identity(bucket: str, raw_key: str, version: str | None, etag: str | 
 
 
 def job_for_key(bucket: str, key: str, version: str) -> tuple[str, str]:
-    """(job id, file name) for an upload: API jobs upload to uploads/<job id>/<name>; anything
-    else dropped into the bucket gets an id derived from its identity."""
+    """(job id, file name) for an upload: API jobs upload to uploads/<job id>/<name> (or
+    analyze/<job id>/<name>); anything else dropped into the bucket gets an id derived from
+    its identity."""
     match = _API_JOB_KEY.match(key)
     if match:
         return match["job"], match["name"]
     return job_id_for_object(bucket, key, version), key.rsplit("/", 1)[-1]
+
+
+def operation_for_key(key: str) -> str | None:
+    """The operation an upload asks for by its prefix (settings.PREFIX_OPERATIONS); None
+    outside every trigger prefix."""
+    return next((op for prefix, op in PREFIX_OPERATIONS.items() if key.startswith(prefix)), None)
 
 
 def result_keys(job_id: str, name: str) -> tuple[str, str]:

@@ -24,7 +24,11 @@ from dataclasses import dataclass
 
 from faceflow import media
 
-UPLOAD_PREFIX = "uploads/"   # the input bucket's trigger prefix
+UPLOAD_PREFIX = "uploads/"   # the input bucket's trigger prefix: faces masked
+ANALYZE_PREFIX = "analyze/"  # the same, for analysis: only the JSON report is written
+ANONYMIZE, ANALYZE = "anonymize", "analyze"   # a job's operation (faceflow.routing.OPERATIONS)
+# Which operation an upload under each trigger prefix asks for.
+PREFIX_OPERATIONS = {UPLOAD_PREFIX: ANONYMIZE, ANALYZE_PREFIX: ANALYZE}
 RESULT_PREFIX = "results/"   # where results go in the output bucket
 # The suffixes the input bucket's stills trigger fires for (template.yaml's S3 filters, either
 # case) and the Content-Type of each; tests check the template agrees.

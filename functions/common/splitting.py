@@ -11,6 +11,11 @@ Otherwise the video is cut on keyframes into chunks of about FACEFLOW_CHUNK_SECO
 re-encode), stored with the audio and the plan under `work/{job_id}/` in the output bucket,
 the chunk count recorded, and one SQS message `{"job_id", "index"}` per chunk sent to
 FACEFLOW_CHUNK_QUEUE_URL for the chunk workers (functions.common.videojobs).
+
+A video under the analysis prefix (`analyze/`, an API job with "operation": "analyze") is
+analysed here, whole, and only its JSON report is written (`results/{job_id}/{name}.json`:
+faces per frame, attributes on a sample of each track's faces, one summary per track); the
+GPU endpoint does not analyse, so the routing rules keep analysis on Lambda.
 """
 from __future__ import annotations
 
@@ -28,9 +33,10 @@ from faceflow import chunks, routing
 from faceflow.images import BadInput
 
 from . import gpu
-from .aws import job_for_key, make_tracer
+from .aws import job_for_key, make_tracer, operation_for_key
 from .jobs import DONE, FAILED, RUNNING
 from .layout import audio_key, chunk_key, result_keys, s3_uri, work_keys
+from .settings import ANALYZE, ANONYMIZE
 from .videojobs import output_name
 from .videoruntime import runtime
 
@@ -62,7 +68,7 @@ def split_upload(upload: dict) -> dict[str, Any]:
     if not runtime.video.chunk_queue_url:
         raise RuntimeError("missing configuration: FACEFLOW_CHUNK_QUEUE_URL")
     input_uri = s3_uri(upload["bucket"], upload["key"])
-    jobs.put(job_id, RUNNING, input=input_uri, stage="split")
+    jobs.put(job_id, RUNNING, input=input_uri, stage="split", operation=operation_for_key(upload["key"]))
     start = time.perf_counter()
     keys = work_keys(job_id)
     with tempfile.TemporaryDirectory(prefix="faceflow-") as tmp:
@@ -70,8 +76,11 @@ def split_upload(upload: dict) -> dict[str, Any]:
         try:
             size = runtime.download(upload["bucket"], upload["key"], src)
             decision = route_video(upload, src, size, existing)
+            operation = operation_for_key(upload["key"]) or ANONYMIZE
             if decision.target == "gpu":
-                return submit_to_gpu(job_id, name, input_uri, decision)
+                return submit_to_gpu(job_id, name, input_uri, decision, operation)
+            if operation == ANALYZE:
+                return analyze_upload(job_id, name, src, decision, start)
             jobs.put(job_id, RUNNING, route=decision.rule_name, route_target=decision.target)
             split = chunks.split_video(src, Path(tmp) / "chunks", target_seconds=runtime.video.chunk_seconds)
         except BadInput as exc:
@@ -100,6 +109,36 @@ def split_upload(upload: dict) -> dict[str, Any]:
     metrics.add_metric(name="VideoChunks", unit=MetricUnit.Count, value=total)
     logger.info("video split", extra={"chunks": total, "ms": ms})
     return {"job_id": job_id, "status": RUNNING, "chunks": total}
+
+
+_engine = None
+
+
+def analysis_engine():
+    """The face engine, loaded on the first analysis job: splitting needs none."""
+    global _engine
+    if _engine is None:
+        from faceflow.engine import Engine
+        _engine = Engine()
+    return _engine
+
+
+@tracer.capture_method
+def analyze_upload(job_id: str, name: str, src: Path, decision: routing.Decision, start: float) -> dict[str, Any]:
+    """Analyse the whole video here and write its report only (no media)."""
+    from faceflow.analysis import DEFAULT_ATTRIBUTES
+    runtime.jobs.put(job_id, RUNNING, stage="analyze", route=decision.rule_name, route_target=decision.target)
+    report = analysis_engine().analyze_file(src, DEFAULT_ATTRIBUTES)
+    report = {"job_id": job_id, **report, "source": name}
+    report["summary"]["source"] = name
+    _, report_key = result_keys(job_id, name)
+    runtime.put_json(report_key, report)
+    outputs = {"report": runtime.output_uri(report_key)}
+    ms = round((time.perf_counter() - start) * 1000, 1)
+    runtime.jobs.put(job_id, DONE, stage="done", outputs=outputs, faces=report["summary"]["faces"], ms=ms)
+    metrics.add_metric(name="JobsDone", unit=MetricUnit.Count, value=1)
+    logger.info("video analysed", extra={"tracks": len(report["tracks"]), "ms": ms})
+    return {"job_id": job_id, "status": DONE, "outputs": outputs}
 
 
 def dispatch(job_id: str, total: int) -> None:
@@ -138,7 +177,8 @@ def job_facts(upload: dict, src: Path, size: int, job: dict | None) -> dict[str,
         info = probe(src)
     except Exception:  # noqa: BLE001 - an unreadable video is refused by the split, as before
         logger.warning("video probe failed; routed without duration or size", exc_info=True)
-    return routing.video_facts(size, info, object_tags(upload["bucket"], upload["key"]), job)
+    return routing.video_facts(size, info, object_tags(upload["bucket"], upload["key"]), job,
+                               operation=operation_for_key(upload["key"]) or "anonymize")
 
 
 def route_video(upload: dict, src: Path, size: int, job: dict | None) -> routing.Decision:
@@ -156,10 +196,15 @@ def route_video(upload: dict, src: Path, size: int, job: dict | None) -> routing
 
 
 @tracer.capture_method
-def submit_to_gpu(job_id: str, name: str, input_uri: str, decision: routing.Decision) -> dict[str, Any]:
-    """Queue the whole video on the GPU endpoint. Nothing is split."""
+def submit_to_gpu(job_id: str, name: str, input_uri: str, decision: routing.Decision,
+                  operation: str = ANONYMIZE) -> dict[str, Any]:
+    """Queue the whole video on the GPU endpoint. Nothing is split; an analysis writes its
+    report only."""
     video_key, report_key = result_keys(job_id, output_name(name))
-    sub = gpu.submit(job_id, input_uri, runtime.output_uri(video_key), report_uri=runtime.output_uri(report_key),
+    if operation == ANALYZE:
+        _, report_key = result_keys(job_id, name)
+    sub = gpu.submit(job_id, input_uri, None if operation == ANALYZE else runtime.output_uri(video_key),
+                     operation=operation, report_uri=runtime.output_uri(report_key),
                      request_bucket=runtime.settings.output_bucket, s3=runtime.s3, runtime=runtime.sagemaker)
     runtime.jobs.put(job_id, RUNNING, stage=GPU_STAGE, route=decision.rule_name, route_target=decision.target,
                      **sub.job_fields())

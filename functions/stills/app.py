@@ -1,4 +1,6 @@
-"""S3 upload of a photo → anonymised photo + JSON sidecar in the output bucket.
+"""S3 upload of a photo → anonymised photo + JSON sidecar in the output bucket; under the
+analysis prefix (analyze/) the JSON report alone, with each face's attributes
+(faceflow.analysis.DEFAULT_ATTRIBUTES).
 
 Idempotent per upload (bucket + key + version/etag) through Powertools' Redis persistence
 layer: S3 delivers events at least once, and a repeat returns the first result without
@@ -19,8 +21,10 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from faceflow import media
 from faceflow.engine import Engine
 from faceflow.images import BadInput
-from functions.common.aws import Adapters, job_for_key, make_tracer, object_identity, result_keys
+from faceflow.analysis import DEFAULT_ATTRIBUTES
+from functions.common.aws import Adapters, job_for_key, make_tracer, object_identity, operation_for_key, result_keys
 from functions.common.jobs import DONE, FAILED, RUNNING
+from functions.common.settings import ANALYZE
 
 logger = Logger(service="faceflow-stills")
 tracer = make_tracer("faceflow-stills")
@@ -37,31 +41,41 @@ def process_upload(upload: dict, size: int | None) -> dict:
     job_id, name = job_for_key(upload["bucket"], upload["key"], upload["version"])
     logger.append_keys(job_id=job_id)  # ids only: no keys, faces or pixels in logs
     jobs, settings = adapters.jobs, adapters.settings
-    jobs.put(job_id, RUNNING, input=f"s3://{upload['bucket']}/{upload['key']}")
+    operation = operation_for_key(upload["key"])
+    jobs.put(job_id, RUNNING, input=f"s3://{upload['bucket']}/{upload['key']}", operation=operation)
     start = time.perf_counter()
     try:
         data = _read(upload, size, settings.max_upload_bytes)
-        result = engine.anonymize_bytes(data, source=name, memory_bytes=settings.memory_bytes)
+        if operation == ANALYZE:
+            result = None
+            report = engine.analyze_bytes(data, source=name, attributes=DEFAULT_ATTRIBUTES,
+                                          memory_bytes=settings.memory_bytes)
+        else:
+            result = engine.anonymize_bytes(data, source=name, memory_bytes=settings.memory_bytes)
+            report = result.report
     except BadInput as exc:
         jobs.put(job_id, FAILED, error=str(exc))
         metrics.add_metric(name="JobsFailed", unit=MetricUnit.Count, value=1)
         logger.warning("upload refused", extra={"reason": str(exc)})
         return {"job_id": job_id, "status": FAILED, "error": str(exc)}
     image_key, sidecar_key = result_keys(job_id, name)
-    report = {"job_id": job_id, **result.report, "source": name}
+    report = {"job_id": job_id, **report, "source": name}
     s3 = adapters.s3
-    s3.put_object(Bucket=settings.output_bucket, Key=image_key, Body=result.data,
-                  ContentType=media.image_media_type(result.format))
+    outputs = {}
+    if result is not None:  # analysis writes no media
+        s3.put_object(Bucket=settings.output_bucket, Key=image_key, Body=result.data,
+                      ContentType=media.image_media_type(result.format))
+        outputs["image"] = f"s3://{settings.output_bucket}/{image_key}"
     s3.put_object(Bucket=settings.output_bucket, Key=sidecar_key, Body=json.dumps(report).encode(),
                   ContentType="application/json")
+    outputs["report"] = f"s3://{settings.output_bucket}/{sidecar_key}"
     ms = round((time.perf_counter() - start) * 1000, 1)
-    outputs = {"image": f"s3://{settings.output_bucket}/{image_key}",
-               "report": f"s3://{settings.output_bucket}/{sidecar_key}"}
-    jobs.put(job_id, DONE, outputs=outputs, faces=len(result.report["faces"]), ms=ms)
-    metrics.add_metric(name="FacesFound", unit=MetricUnit.Count, value=len(result.report["faces"]))
+    faces = len(report["faces"])
+    jobs.put(job_id, DONE, outputs=outputs, faces=faces, ms=ms)
+    metrics.add_metric(name="FacesFound", unit=MetricUnit.Count, value=faces)
     metrics.add_metric(name="ProcessingMs", unit=MetricUnit.Milliseconds, value=ms)
     metrics.add_metric(name="JobsDone", unit=MetricUnit.Count, value=1)
-    logger.info("job done", extra={"faces": len(result.report["faces"]), "ms": ms})
+    logger.info("job done", extra={"faces": faces, "ms": ms, "operation": operation})
     return {"job_id": job_id, "status": DONE, "outputs": outputs}
 
 

@@ -1,6 +1,6 @@
 """A whole video uploaded under `uploads/` in the input bucket (events/video_upload.json): routed
-to the GPU endpoint, or cut into chunks for the chunk workers (functions.common.splitting). The
-job id comes from the key, as for photos.
+to the GPU endpoint, or cut into chunks for the chunk workers (functions.common.splitting); one
+under `analyze/`: analysed, its report written. The job id comes from the key, as for photos.
 """
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from functions.common.aws import make_tracer, object_identity
-from functions.common.layout import UPLOAD_PREFIX
+from functions.common.aws import make_tracer, object_identity, operation_for_key
 from functions.common.splitting import split_upload
 from functions.common.videoruntime import runtime
 
@@ -32,7 +31,7 @@ def split_handler(event: S3Event, context: LambdaContext) -> dict:
         logger.set_correlation_id((record.get("responseElements") or {}).get("x-amz-request-id"))
         obj = record.s3.get_object
         if record.s3.bucket.name != runtime.settings.input_bucket or \
-                not unquote_plus(obj["key"]).startswith(UPLOAD_PREFIX):
+                operation_for_key(unquote_plus(obj["key"])) is None:
             logger.error("event from outside the input bucket's uploads; ignored")
             metrics.add_metric(name="EventsIgnored", unit=MetricUnit.Count, value=1)
             results.append({"status": "ignored"})

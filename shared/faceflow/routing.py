@@ -137,7 +137,7 @@ media_for = media.kind_of
 
 
 def video_facts(size_bytes: int, info: Any = None, tags: Mapping[str, str] | None = None,
-                job: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                job: Mapping[str, Any] | None = None, operation: str = "anonymize") -> dict[str, Any]:
     """The facts an uploaded video is routed on: its size, its probe (`info`: duration, width
     and height, as faceflow.video.probe gives them; None when it could not be read), and
     sensitivity and priority from the object's tags (keys lowercased) or its job record.
@@ -145,8 +145,9 @@ def video_facts(size_bytes: int, info: Any = None, tags: Mapping[str, str] | Non
     Sensitivity: `private` from either the tag or the job record wins (a value that is none
     of SENSITIVITIES counts as private: normalise_sensitivity), else the first one given; the
     API's words are routing's (API_SENSITIVITY). Priority: the first of the tag and the record
-    that is one of PRIORITIES (another value is ignored)."""
-    facts: dict[str, Any] = {"operation": "anonymize", "media": "video", "size_bytes": size_bytes}
+    that is one of PRIORITIES (another value is ignored). `operation`: what the upload asks
+    for (its prefix)."""
+    facts: dict[str, Any] = {"operation": operation, "media": "video", "size_bytes": size_bytes}
     if info is not None:
         facts.update(duration_s=max(0.0, float(info.duration or 0.0)) or None,
                      width=int(info.width) or None, height=int(info.height) or None)

@@ -1,0 +1,178 @@
+"""Face analysis through the local stack (devstack: moto_server, redis-server, the api, stills
+and split functions under awslambdaric): POST /v1/analyze with its attributes and formats,
+API jobs with "operation": "analyze" (a photo, a video) and uploads under the analysis prefix,
+which write the JSON report and no media. Nothing is mocked; skips with the reason when a
+service is missing (fails in CI: see conftest)."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import require_services
+
+require_services()
+
+import av  # noqa: E402
+import cv2  # noqa: E402
+
+from devstack import Stack  # noqa: E402
+from functions.common.aws import job_for_key  # noqa: E402
+from functions.common.settings import ANALYZE_PREFIX  # noqa: E402
+
+ERROR_KEYS = {"message", "status"}
+FPS, FRAMES, SIDE = 12, 24, 384
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, model_dir):
+    env = {"FACEFLOW_MODEL_DIR": str(model_dir)}
+    with Stack(functions=("api", "stills", "split"), function_env=env,
+               workdir=tmp_path_factory.mktemp("analysis-stack")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def photo(astronaut_bgr) -> bytes:
+    return cv2.imencode(".jpg", astronaut_bgr)[1].tobytes()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, astronaut_bgr) -> bytes:
+    """A public-domain face (skimage's astronaut) panning across 2 s of H.264."""
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    face = cv2.resize(astronaut_bgr, (SIDE, SIDE))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuv420p"
+        for i in range(FRAMES):
+            frame = np.ascontiguousarray(np.roll(face, i * 2, axis=1))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path.read_bytes()
+
+
+def analyze(stack, data: bytes, query: str = "") -> tuple[int, dict]:
+    status, _, body = stack.request("POST", f"/v1/analyze{query}", body=data, headers={"Content-Type": "image/jpeg"})
+    return status, json.loads(body)
+
+
+def wait_for_job(stack, job_id: str, timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, _, body = stack.request("GET", f"/v1/jobs/{job_id}")
+        if status == 200 and json.loads(body)["status"] in ("done", "failed"):
+            return json.loads(body)
+        assert time.monotonic() < deadline, f"job {job_id}: {status} {body[:300]!r} after {timeout}s"
+        time.sleep(0.5)
+
+
+def report_only(stack, job_id: str) -> dict:
+    """The job's result: a report link and no media link, no media object in the bucket."""
+    status, _, body = stack.request("GET", f"/v1/jobs/{job_id}/result")
+    assert status == 200, body
+    links = json.loads(body)
+    assert links["image_url"] is None and links["video_url"] is None
+    with urllib.request.urlopen(links["report_url"], timeout=30) as response:
+        report = json.loads(response.read())
+    written = stack.s3.list_objects_v2(Bucket=stack.output_bucket, Prefix=f"results/{job_id}/")
+    assert [o["Key"].endswith(".json") for o in written["Contents"]] == [True], written["Contents"]
+    return report
+
+
+def test_analyze_route_attributes_and_formats(stack, photo):
+    status, found = analyze(stack, photo)
+    assert status == 200, found
+    (face,) = found["faces"]
+    assert face["gender"]["value"] == "female" and face["age"]["bucket"]
+    assert {"pose", "quality", "eyes_open"} <= set(face) and "mesh" not in face
+
+    status, found = analyze(stack, photo, "?attributes=age")
+    (face,) = found["faces"]
+    assert status == 200 and "age" in face and not {"gender", "pose", "quality"} & set(face)
+    status, found = analyze(stack, photo, "?attributes=none")
+    assert status == 200 and set(found["faces"][0]) == {"box", "score", "landmarks"}
+
+    status, answer = analyze(stack, photo, "?format=rekognition")
+    assert status == 200, answer
+    (detail,) = answer["FaceDetails"]
+    assert detail["Gender"]["Value"] == "Female" and 50 <= detail["Gender"]["Confidence"] <= 100
+    assert detail["AgeRange"]["Low"] <= detail["AgeRange"]["High"]
+    assert all(0 <= detail["BoundingBox"][k] <= 1 for k in ("Width", "Height", "Left", "Top"))
+    assert {"Yaw", "Pitch", "Roll"} == set(detail["Pose"]) and detail["Landmarks"]
+
+    for query in ("?attributes=age,wisdom", "?format=xml", "?attributes=" + "a," * 30):
+        status, error = analyze(stack, photo, query)
+        assert status == 400 and set(error) == ERROR_KEYS and error["status"] == 400, (query, error)
+    status, error = analyze(stack, b"not a photo")
+    assert status == 400 and set(error) == ERROR_KEYS
+
+
+def test_openapi_documents_the_analysis(stack):
+    status, _, body = stack.request("GET", "/v1/openapi.json")
+    document = json.loads(body)
+    post = document["paths"]["/v1/analyze"]["post"]
+    params = {p["name"]: p for p in post["parameters"]}
+    assert {"json", "rekognition"} <= set(json.dumps(params["format"]["schema"]).replace('"', " ").split())
+    assert "gender" in params["attributes"]["schema"]["pattern"] and "mesh" in params["attributes"]["description"]
+    ok = json.dumps(post["responses"]["200"])
+    assert "FacesFound" in ok and "DetectFaces" in ok
+    assert {"FacesFound", "DetectFaces"} <= set(document["components"]["schemas"])
+    job = document["components"]["schemas"]["JobRequest"]["properties"]["operation"]
+    assert "analyze" in json.dumps(job)
+
+
+def test_photo_job_with_operation_analyze_writes_the_report_only(stack, photo):
+    status, _, body = stack.request("POST", "/v1/jobs", {"filename": "team.jpg", "operation": "analyze"})
+    assert status == 201, body
+    created = json.loads(body)
+    assert f"/{ANALYZE_PREFIX}{created['job_id']}/team.jpg" in urllib.parse.unquote(created["upload"]["url"])
+    put = urllib.request.Request(created["upload"]["url"], data=photo, method="PUT",
+                                 headers=created["upload"]["headers"])
+    with urllib.request.urlopen(put, timeout=30) as response:
+        assert response.status == 200
+    job = wait_for_job(stack, created["job_id"])
+    assert job["status"] == "done" and job["operation"] == "analyze" and job["faces"] == 1, job
+    report = report_only(stack, created["job_id"])
+    assert report["source"] == "team.jpg" and report["faces"][0]["gender"]["value"] == "female"
+
+
+def test_upload_under_the_analysis_prefix_writes_the_report_only(stack, photo):
+    key = f"{ANALYZE_PREFIX}tenant-a/visitor 1.jpg"
+    put = stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=photo, ContentType="image/jpeg")
+    job_id, _ = job_for_key(stack.input_bucket, key, put.get("VersionId") or put["ETag"])
+    job = wait_for_job(stack, job_id)
+    assert job["status"] == "done", job
+    report = report_only(stack, job_id)
+    assert report["faces"][0]["age"]["bucket"] and "pose" in report["faces"][0]
+
+    # a bad file under the prefix: a failed job with the reason, nothing written
+    key = f"{ANALYZE_PREFIX}tenant-a/broken.jpg"
+    put = stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=b"not a photo", ContentType="image/jpeg")
+    job_id, _ = job_for_key(stack.input_bucket, key, put.get("VersionId") or put["ETag"])
+    job = wait_for_job(stack, job_id)
+    assert job["status"] == "failed" and "not an image" in job["error"], job
+    assert "Contents" not in stack.s3.list_objects_v2(Bucket=stack.output_bucket, Prefix=f"results/{job_id}/")
+
+
+def test_video_job_with_operation_analyze_reports_tracks(stack, clip):
+    status, _, body = stack.request("POST", "/v1/jobs", {"filename": "lobby.mp4", "operation": "analyze"})
+    assert status == 201, body
+    created = json.loads(body)
+    put = urllib.request.Request(created["upload"]["url"], data=clip, method="PUT",
+                                 headers=created["upload"]["headers"])
+    with urllib.request.urlopen(put, timeout=30) as response:
+        assert response.status == 200
+    job = wait_for_job(stack, created["job_id"], timeout=240)
+    assert job["status"] == "done" and job["route"] == "default", job
+    report = report_only(stack, created["job_id"])
+    assert len(report["frames"]) == FRAMES and report["summary"]["output"] is None
+    (track,) = report["tracks"]
+    assert track["frames"] == FRAMES and track["samples"] >= 2
+    assert track["gender"]["value"] == "female" and track["age"]["bucket"]
