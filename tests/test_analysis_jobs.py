@@ -21,7 +21,6 @@ import av  # noqa: E402
 import cv2  # noqa: E402
 
 from devstack import Stack  # noqa: E402
-from functions.common.aws import job_for_key  # noqa: E402
 from functions.common.settings import ANALYZE_PREFIX  # noqa: E402
 
 ERROR_KEYS = {"message", "status"}
@@ -143,19 +142,24 @@ def test_photo_job_with_operation_analyze_writes_the_report_only(stack, photo):
     assert report["source"] == "team.jpg" and report["faces"][0]["gender"]["value"] == "female"
 
 
+def dropped(stack, key: str, body: bytes) -> str:
+    """Put `key` into the input bucket; the job id its delivery to the stills function gave."""
+    stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=body, ContentType="image/jpeg")
+    (delivery,) = stack.wait_for_deliveries(1, key=key, timeout=120)
+    assert delivery.result.ok, delivery.result.error
+    (result,) = delivery.result.payload["results"]
+    return result["job_id"]
+
+
 def test_upload_under_the_analysis_prefix_writes_the_report_only(stack, photo):
-    key = f"{ANALYZE_PREFIX}tenant-a/visitor 1.jpg"
-    put = stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=photo, ContentType="image/jpeg")
-    job_id, _ = job_for_key(stack.input_bucket, key, put.get("VersionId") or put["ETag"])
+    job_id = dropped(stack, f"{ANALYZE_PREFIX}tenant-a/visitor 1.jpg", photo)
     job = wait_for_job(stack, job_id)
-    assert job["status"] == "done", job
+    assert job["status"] == "done" and job["operation"] == "analyze", job
     report = report_only(stack, job_id)
     assert report["faces"][0]["age"]["bucket"] and "pose" in report["faces"][0]
 
     # a bad file under the prefix: a failed job with the reason, nothing written
-    key = f"{ANALYZE_PREFIX}tenant-a/broken.jpg"
-    put = stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=b"not a photo", ContentType="image/jpeg")
-    job_id, _ = job_for_key(stack.input_bucket, key, put.get("VersionId") or put["ETag"])
+    job_id = dropped(stack, f"{ANALYZE_PREFIX}tenant-a/broken.jpg", b"not a photo")
     job = wait_for_job(stack, job_id)
     assert job["status"] == "failed" and "not an image" in job["error"], job
     assert "Contents" not in stack.s3.list_objects_v2(Bucket=stack.output_bucket, Prefix=f"results/{job_id}/")
