@@ -5,6 +5,7 @@ Input bucket (the only one with triggers):
 | key | what |
 |---|---|
 | `uploads/{job_id}/{name}` | an API job's upload (photo or whole video); any other `uploads/` key gets a derived job id |
+| `analyze/{job_id}/{name}` | the same for analysis ("operation": "analyze"): only the report is written |
 | `sessions/{session_id}/{seq}.mp4` or `.ts` | a stream session's chunk `seq` |
 
 Output bucket (no trigger, so no loop):
