@@ -27,10 +27,19 @@ ERROR_KEYS = {"message", "status"}
 FPS, FRAMES, SIDE = 12, 24, 384
 
 
+# Low-priority videos go to the GPU endpoint (functions/gpu/server.py on CPU behind devstack's
+# SageMaker stand-in); the rules see the operation.
+ROUTING = {"version": 1, "rules": [
+    {"name": "low-priority-analysis-on-gpu", "when": {"operation": ["analyze"], "priority": ["low"]},
+     "target": "gpu"}], "default": {"target": "lambda"}}
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, model_dir):
-    env = {"FACEFLOW_MODEL_DIR": str(model_dir)}
-    with Stack(functions=("api", "stills", "split"), function_env=env,
+    rules = tmp_path_factory.mktemp("routing") / "routing.json"
+    rules.write_text(json.dumps(ROUTING))
+    env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_ROUTING_FILE": str(rules)}
+    with Stack(functions=("api", "stills", "split", "gpu-result"), function_env=env,
                workdir=tmp_path_factory.mktemp("analysis-stack")) as running:
         yield running
 
@@ -165,8 +174,11 @@ def test_upload_under_the_analysis_prefix_writes_the_report_only(stack, photo):
     assert "Contents" not in stack.s3.list_objects_v2(Bucket=stack.output_bucket, Prefix=f"results/{job_id}/")
 
 
-def test_video_job_with_operation_analyze_reports_tracks(stack, clip):
-    status, _, body = stack.request("POST", "/v1/jobs", {"filename": "lobby.mp4", "operation": "analyze"})
+@pytest.mark.parametrize("priority,route,stage", [(None, "default", "done"),
+                                                  ("low", "low-priority-analysis-on-gpu", "gpu")])
+def test_video_job_with_operation_analyze_reports_tracks(stack, clip, priority, route, stage):
+    fields = {"filename": "lobby.mp4", "operation": "analyze", **({"priority": priority} if priority else {})}
+    status, _, body = stack.request("POST", "/v1/jobs", fields)
     assert status == 201, body
     created = json.loads(body)
     put = urllib.request.Request(created["upload"]["url"], data=clip, method="PUT",
@@ -174,7 +186,7 @@ def test_video_job_with_operation_analyze_reports_tracks(stack, clip):
     with urllib.request.urlopen(put, timeout=30) as response:
         assert response.status == 200
     job = wait_for_job(stack, created["job_id"], timeout=240)
-    assert job["status"] == "done" and job["route"] == "default", job
+    assert job["status"] == "done" and job["route"] == route and job["stage"] == stage, job
     report = report_only(stack, created["job_id"])
     assert len(report["frames"]) == FRAMES and report["summary"]["output"] is None
     (track,) = report["tracks"]

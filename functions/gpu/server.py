@@ -369,11 +369,12 @@ class Worker:
 
     def _image(self, job: Job, local: Path) -> dict[str, Any]:
         from faceflow import images
+        from faceflow.analysis import DEFAULT_ATTRIBUTES
         engine = self.engine
         data = local.read_bytes()
         try:
             if job.operation == "analyze":
-                report = engine.analyze_bytes(data, source=job.input_uri)
+                report = engine.analyze_bytes(data, source=job.input_uri, attributes=DEFAULT_ATTRIBUTES)
                 frames, faces = 1, len(report["faces"])
                 output = None
             else:
@@ -397,6 +398,7 @@ class Worker:
     def _video(self, job: Job, local: Path, tmp: Path) -> dict[str, Any]:
         """The core's video entry points (faceflow.video.anonymize_video / analyze_video),
         batched; the report then names the S3 objects, not the staged files."""
+        from faceflow.analysis import DEFAULT_ATTRIBUTES
         from faceflow.images import BadInput
         from faceflow.video import VideoOptions, analyze_video, anonymize_video
         batch = job.options.get("batch", self.config.batch)
@@ -414,7 +416,7 @@ class Worker:
                                 options=options, verify=job.options.get("verify", False))
                 report = json.loads(report_path.read_text())
             else:
-                report = analyze_video(self.engine, local, options)
+                report = analyze_video(self.engine, local, options, attributes=DEFAULT_ATTRIBUTES)
         except BadInput as exc:
             raise JobError(422, f"input {job.input_uri}: {exc}", "bad_input") from None
         summary = report["summary"]
