@@ -126,3 +126,26 @@ def test_label_and_drawing():
     assert blank.sum() == 0  # the input is left alone
     assert (out[30, 100] == [0, 255, 0]).all()  # left side of the box
     assert (out[66:90, 100:150] != 0).any()  # the label, below the box as there is no room above
+
+
+def test_an_interrupted_run_keeps_what_it_finished(photo_dir, tmp_path, monkeypatch, model_dir):
+    """Ctrl-C after the first photo: the table holds that photo's rows, and the next run
+    does only the others."""
+    table = tmp_path / "faces.csv"
+    real, seen = facetable._analyze, []
+
+    def interrupted_after_one(src, drawing):
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(src)
+        return real(src, drawing)
+
+    monkeypatch.setattr(facetable, "_analyze", interrupted_after_one)
+    kwargs = dict(engine_kwargs={"model_dir": model_dir}, attributes=("quality",))
+    with pytest.raises(KeyboardInterrupt):
+        facetable.run([photo_dir], table, **kwargs)
+    assert {r["file"] for r in csv.DictReader(open(table))} == set(seen)
+
+    monkeypatch.setattr(facetable, "_analyze", real)
+    assert facetable.run([photo_dir], table, **kwargs) == 1  # the two unreadable files
+    assert len({r["file"] for r in csv.DictReader(open(table))}) == 5

@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 
 from . import images
-from .batch import run_jobs
+from .batch import expand_inputs, run_jobs
 from .images import BadInput, atomic_write
-from .media import IMAGE_EXTENSIONS
+from .media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 CSV_FIELDS = ["file", "face", "x", "y", "w", "h", "score", "gender", "gender_confidence",
               "age", "age_bucket", "yaw", "pitch", "roll", "sharpness", "error"]
@@ -177,8 +177,10 @@ def run(paths: list[Path], table: Path, *, engine_kwargs: dict, attributes, work
         write_table(sorted(rows, key=_sort_key), table)
     failed = [r for r in results if r["status"] == "failed"]
     faces = sum(1 for r in rows if str(r.get("face", "")).isdigit())
+    videos = sum(1 for p in expand_inputs([p for p in paths if p.is_dir()]) if p.suffix.lower() in VIDEO_EXTENSIONS)
     print(f"{len(results) - len(failed)} done, {skipped} skipped, {len(failed)} failed; "
-          f"{faces} face(s) in {table}", file=sys.stderr)
+          f"{faces} face(s) in {table}" + (f"; {videos} video(s) left out (analyse each on its own)"
+                                           if videos else ""), file=sys.stderr)
     for r in failed:
         print(f"  failed: {r['file']}: {r['error']}", file=sys.stderr)
     return 1 if failed else 0
