@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 
@@ -33,11 +31,11 @@ from faceflow import chunks as C  # noqa: E402
 from faceflow.engine import Engine  # noqa: E402
 from faceflow.face import iou  # noqa: E402
 from faceflow.video import anonymize_video  # noqa: E402
+from clips import FPS, HEIGHT, WIDTH, camera, view, write_clip  # noqa: E402  (bench/clips.py)
 
 DATA = ROOT.parent / "shared" / "data"
 PHOTO = DATA / "images" / "pyfeat_multi_face.jpg"
 WORK = ROOT / ".bench" / "chunks"
-WIDTH, HEIGHT, FPS, SAMPLE_RATE = 1280, 720, 30, 48000
 
 
 def make_clip(path: Path, seconds: float, gop_s: float) -> int:
@@ -47,38 +45,8 @@ def make_clip(path: Path, seconds: float, gop_s: float) -> int:
     ph, pw = photo.shape[:2]
     frames = round(seconds * FPS)
     gop = max(1, round(gop_s * FPS))
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=FPS)
-        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        video.options = {"crf": "18", "preset": "veryfast",
-                         "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
-        audio = out.add_stream("aac", rate=SAMPLE_RATE)
-        audio.layout = "mono"
-        samples = 0
-        for i in range(frames):
-            t = i / max(1, frames - 1)
-            zoom = 1.0 + 0.6 * math.sin(math.pi * t)
-            cw = min(pw, ph * WIDTH / HEIGHT) / zoom
-            ch = cw * HEIGHT / WIDTH
-            cx = min(max((0.3 + 0.4 * t) * pw, cw / 2), pw - cw / 2)
-            cy = min(max((0.4 + 0.2 * t) * ph, ch / 2), ph - ch / 2)
-            s = WIDTH / cw
-            warp = np.float32([[s, 0, -s * (cx - cw / 2)], [0, s, -s * (cy - ch / 2)]])
-            bgr = cv2.warpAffine(photo, warp, (WIDTH, HEIGHT), flags=cv2.INTER_LINEAR,
-                                 borderMode=cv2.BORDER_REFLECT)
-            frame = av.VideoFrame.from_ndarray(bgr, format="bgr24")
-            frame.pts = i
-            out.mux(video.encode(frame))
-            while samples < (i + 1) * SAMPLE_RATE // FPS:
-                tt = (samples + np.arange(1024)) / SAMPLE_RATE
-                tone = (0.2 * np.sin(2 * np.pi * 440 * tt)).astype(np.float32)[None]
-                chunk = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-                chunk.sample_rate, chunk.pts = SAMPLE_RATE, samples
-                out.mux(audio.encode(chunk))
-                samples += 1024
-        out.mux(video.encode())
-        out.mux(audio.encode())
-    return frames
+    return write_clip(path, (view(photo, *camera(i, frames, pw, ph)) for i in range(frames)),
+                      {"crf": "18", "preset": "veryfast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"})
 
 
 def differing_frames(one: list[dict], other: list[dict]) -> tuple[int, int]:

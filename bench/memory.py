@@ -21,17 +21,16 @@ import threading
 import time
 from pathlib import Path
 
-import av
 import cv2
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "shared"))
 from faceflow.engine import Engine  # noqa: E402
+from clips import FPS, HEIGHT, WIDTH, view, write_clip  # noqa: E402  (bench/clips.py)
 
 PHOTO = ROOT.parent / "shared" / "data" / "images" / "pyfeat_multi_face.jpg"
 WORK = ROOT / ".bench" / "memory"
-WIDTH, HEIGHT, FPS, SAMPLE_RATE, DISTINCT = 1280, 720, 30, 48000, 60
+DISTINCT = 60  # distinct frames in the clip
 
 
 def status_kb(field: str) -> int:
@@ -48,32 +47,11 @@ def make_clip(path: Path, frames: int) -> None:
     ph, pw = photo.shape[:2]
     views = []
     for i in range(DISTINCT):
-        s = WIDTH / (pw * (0.7 + 0.1 * math.sin(i / DISTINCT * math.pi)))
-        x0 = (pw - WIDTH / s) * i / DISTINCT
-        warp = np.float32([[s, 0, -s * x0], [0, s, -s * (ph - HEIGHT / s) / 2]])
-        views.append(cv2.warpAffine(photo, warp, (WIDTH, HEIGHT), borderMode=cv2.BORDER_REFLECT))
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=FPS)
-        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        video.options = {"crf": "23", "preset": "ultrafast", "g": str(2 * FPS)}
-        audio = out.add_stream("aac", rate=SAMPLE_RATE)
-        audio.layout = "mono"
-        samples = 0
-        for i in range(frames):
-            k = i % (2 * DISTINCT)
-            frame = av.VideoFrame.from_ndarray(views[k if k < DISTINCT else 2 * DISTINCT - 1 - k],
-                                               format="bgr24")
-            frame.pts = i
-            out.mux(video.encode(frame))
-            while samples < (i + 1) * SAMPLE_RATE // FPS:
-                t = (samples + np.arange(1024)) / SAMPLE_RATE
-                tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
-                chunk = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-                chunk.sample_rate, chunk.pts = SAMPLE_RATE, samples
-                out.mux(audio.encode(chunk))
-                samples += 1024
-        out.mux(video.encode())
-        out.mux(audio.encode())
+        scale = WIDTH / (pw * (0.7 + 0.1 * math.sin(i / DISTINCT * math.pi)))
+        views.append(view(photo, (pw - WIDTH / scale) * i / DISTINCT, (ph - HEIGHT / scale) / 2, scale))
+    # played back and forth, so the long clip is cheap to make
+    played = (views[k if k < DISTINCT else 2 * DISTINCT - 1 - k] for k in (i % (2 * DISTINCT) for i in range(frames)))
+    write_clip(path, played, {"crf": "23", "preset": "ultrafast", "g": str(2 * FPS)})
 
 
 def main() -> None:

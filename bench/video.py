@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import shutil
@@ -76,6 +75,7 @@ sys.path.insert(0, str(ROOT / "shared"))
 from faceflow.anonymize import MaskOptions, apply_masks  # noqa: E402
 from faceflow.engine import Engine  # noqa: E402
 from faceflow.face import Face  # noqa: E402
+from clips import FPS, HEIGHT, WIDTH, camera, view, write_clip  # noqa: E402  (bench/clips.py)
 
 DATA = ROOT.parent / "shared" / "data"
 PHOTO = DATA / "images" / "pyfeat_multi_face.jpg"
@@ -85,8 +85,6 @@ WORK = ROOT / ".bench"
 VENV = WORK / "deface-venv"
 DEFACE_PACKAGES = ["deface==1.5.0", "onnx", "onnxruntime"]
 DEFACE_ARGS = ["--keep-audio"]
-WIDTH, HEIGHT, FPS = 1280, 720, 30
-SAMPLE_RATE = 48000
 MIN_INSIDE = 0.75      # share of a face's box inside the frame for it to count
 REPORT_COVER = 0.8     # share of the box under faceflow's mask footprint
 DETAIL_LEFT = 0.2      # Laplacian-variance ratio below which a face counts as masked
@@ -95,43 +93,10 @@ CONTROL_CRF = 25       # imageio-ffmpeg's default quality 5 for libx264, as defa
 
 
 # --- the clip ------------------------------------------------------------------------------
-def camera(i: int, n: int, pw: int, ph: int) -> tuple[float, float, float]:
-    """Frame i's crop window on the photo: top-left (x0, y0) and scale to the frame."""
-    t = i / max(1, n - 1)
-    zoom = 1.0 + 0.6 * math.sin(math.pi * t)
-    cw = min(pw, ph * WIDTH / HEIGHT) / zoom
-    ch = cw * HEIGHT / WIDTH
-    cx = min(max((0.3 + 0.4 * t) * pw, cw / 2), pw - cw / 2)
-    cy = min(max((0.4 + 0.2 * t) * ph, ch / 2), ph - ch / 2)
-    return cx - cw / 2, cy - ch / 2, WIDTH / cw
-
-
 def make_clip(photo: np.ndarray, path: Path, frames: int) -> None:
     ph, pw = photo.shape[:2]
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=FPS)
-        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        video.options = {"crf": "18", "preset": "veryfast"}
-        audio = out.add_stream("aac", rate=SAMPLE_RATE)
-        audio.layout = "mono"
-        samples = 0
-        for i in range(frames):
-            x0, y0, s = camera(i, frames, pw, ph)
-            warp = np.float32([[s, 0, -s * x0], [0, s, -s * y0]])
-            bgr = cv2.warpAffine(photo, warp, (WIDTH, HEIGHT), flags=cv2.INTER_CUBIC,
-                                 borderMode=cv2.BORDER_REFLECT)
-            frame = av.VideoFrame.from_ndarray(bgr, format="bgr24")
-            frame.pts = i
-            out.mux(video.encode(frame))
-            while samples < (i + 1) * SAMPLE_RATE // FPS:  # a 440 Hz tone, 1024 samples a frame
-                t = (samples + np.arange(1024)) / SAMPLE_RATE
-                tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
-                chunk = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-                chunk.sample_rate, chunk.pts = SAMPLE_RATE, samples
-                out.mux(audio.encode(chunk))
-                samples += 1024
-        out.mux(video.encode())
-        out.mux(audio.encode())
+    write_clip(path, (view(photo, *camera(i, frames, pw, ph), cv2.INTER_CUBIC) for i in range(frames)),
+               {"crf": "18", "preset": "veryfast"})
 
 
 def reencode(src: Path, dst: Path, crf: int) -> None:

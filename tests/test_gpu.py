@@ -741,7 +741,9 @@ def test_gpu_requirements_are_pinned_gpu_onnxruntime_and_match_the_functions():
     assert "opencv-python" not in pins and "opencv-python-headless" in pins
     assert "onnx" not in pins and "redis" not in pins
     functions = _pins(FUNCTION_REQUIREMENTS)
-    for name in ("numpy", "opencv-python-headless", "av", "pillow", "boto3", "botocore", "aws-lambda-powertools"):
+    # the core's own imports (faceflow.images reads HEIC through pillow-heif) must be in both images
+    for name in ("numpy", "opencv-python-headless", "av", "pillow", "pillow-heif", "boto3", "botocore",
+                 "aws-lambda-powertools"):
         assert pins[name] == functions[name], f"{name}: {pins[name]} here, {functions[name]} in the function image"
 
 

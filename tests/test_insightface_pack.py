@@ -19,7 +19,7 @@ pytest.importorskip("insightface.model_zoo",
 from onnx import TensorProto, helper  # noqa: E402
 
 from faceflow import insightface_pack  # noqa: E402
-from faceflow.detectors import load_detector  # noqa: E402
+from faceflow.engine import Engine  # noqa: E402
 from faceflow.face import Face  # noqa: E402
 
 try:
@@ -144,10 +144,10 @@ def _image_with_white_cell(col: int, row: int) -> np.ndarray:
     return image
 
 
-def test_scrfd_through_faceflows_detector_loader(pack_dir):
-    """load_detector with a pack as the model folder gives insightface's SCRFD behind the
+def test_scrfd_through_faceflows_engine(pack_dir):
+    """An Engine with a pack as the model folder gets insightface's SCRFD behind the
     Detector interface: [x, y, w, h] boxes and five points in image pixels."""
-    det = load_detector(model_dir=pack_dir, providers="cpu", threads=1)
+    det = Engine(model_dir=pack_dir, providers="cpu", threads=1).detector
     assert isinstance(det, insightface_pack.InsightfaceDetector) and det.name == "scrfd"
     assert det.providers == ["CPUExecutionProvider"]
     col, row = 7, 4

@@ -28,7 +28,7 @@ from faceflow.images import BadInput
 from .aws import make_tracer
 from .layout import SESSION_KEY, s3_uri, session_keys
 from .sessions import BUSY, COMMITTED, DUPLICATE, NOT_YET
-from .videoruntime import name_report, runtime
+from .videoruntime import runtime
 
 logger = Logger(service="faceflow-video", child=True)
 tracer = make_tracer("faceflow-video")
@@ -92,8 +92,8 @@ def _run(engine, bucket, key, sid, seq, ext, state):
     with tempfile.TemporaryDirectory(prefix="faceflow-") as tmp:
         src, dst, report = Path(tmp) / f"in{ext}", Path(tmp) / f"out{ext}", Path(tmp) / "report.json"
         runtime.download(bucket, key, src)
-        summary, new_state = chunks.process_chunk(engine, src, dst, state, report=report)
-        name_report(report, s3_uri(bucket, key), runtime.output_uri(out_key))
+        summary, new_state = chunks.process_chunk(engine, src, dst, state, report=report,
+                                                  names=(s3_uri(bucket, key), runtime.output_uri(out_key)))
         runtime.upload(dst, out_key)
         runtime.upload(report, report_key, "application/json")
     result = {"session_id": sid, "seq": seq, "status": "done", "output": runtime.output_uri(out_key),

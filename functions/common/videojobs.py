@@ -29,7 +29,7 @@ from faceflow.images import BadInput
 from .aws import make_tracer
 from .jobs import DONE, FAILED
 from .layout import out_index, out_keys, result_keys, work_keys
-from .videoruntime import name_report, runtime
+from .videoruntime import runtime
 
 logger = Logger(service="faceflow-video", child=True)
 tracer = make_tracer("faceflow-video")
@@ -127,8 +127,8 @@ def _run_chunk(engine, job_id: str, index: int, plan: dict) -> None:
         dst, report = tmp / f"out{ext}", tmp / "report.json"
         chunk = chunks.Chunk.from_dict({**entry, "path": str(src)})
         summary, _ = chunks.process_chunk(engine, chunk, dst, None, warmup=warmup, lookahead=lookahead,
-                                          info=plan["info"], report=report)
-        name_report(report, runtime.output_uri(entry["key"]), runtime.output_uri(out_key))
+                                          info=plan["info"], report=report,
+                                          names=(runtime.output_uri(entry["key"]), runtime.output_uri(out_key)))
         runtime.upload(dst, out_key)
         runtime.upload(report, report_key, "application/json")  # last: its presence means done
     ms = round((time.perf_counter() - start) * 1000, 1)

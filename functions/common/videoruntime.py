@@ -88,13 +88,4 @@ class VideoRuntime:
                            ContentType="application/json")
 
 
-def name_report(path: Path, source: str, output: str) -> None:
-    """The report names the S3 objects, not the worker's temporary files."""
-    report = json.loads(path.read_text())
-    report["source"] = source
-    if isinstance(report.get("summary"), dict):
-        report["summary"].update(source=source, output=output)
-    path.write_text(json.dumps(report))
-
-
 runtime = VideoRuntime()

@@ -353,10 +353,6 @@ def load_detector(name: str = DEFAULT_DETECTOR, model_dir=None, providers=None,
         if kind is None:
             raise bundle.ModelError(f"cannot tell which detector {path.name} is; name it after one of {list(DETECTORS)}")
         return DETECTORS[kind](path, providers, threads, max_side)
-    from . import insightface_pack   # it subclasses Detector
-    if name in (DEFAULT_DETECTOR, insightface_pack.InsightfaceDetector.name) and insightface_pack.is_pack(model_dir):
-        # An operator's own insightface pack as the model folder: its SCRFD, through insightface.
-        return insightface_pack.load_detector(model_dir, providers, threads, max_side)
     if name not in DETECTORS:
         raise bundle.ModelError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
     return DETECTORS[name](bundle.model_path(name, model_dir), providers, threads, max_side)

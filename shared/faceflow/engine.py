@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import images, media
+from . import images, insightface_pack, media
 from .anonymize import MaskOptions
 from .detectors import DEFAULT_DETECTOR, Detector, load_detector
 from .face import Face
@@ -40,8 +40,15 @@ class Engine:
     def __init__(self, detector: str | Detector = DEFAULT_DETECTOR, model_dir=None,
                  providers=None, threads: int = 0, max_side: int | None = None,
                  threshold: float | None = None):
-        self.detector = detector if isinstance(detector, Detector) else load_detector(
-            detector, model_dir=model_dir, providers=providers, threads=threads, max_side=max_side)
+        if isinstance(detector, Detector):
+            self.detector = detector
+        elif detector in (DEFAULT_DETECTOR, insightface_pack.InsightfaceDetector.name) and \
+                insightface_pack.is_pack(model_dir):
+            # An operator's own insightface pack as the model folder: its SCRFD, through insightface.
+            self.detector = insightface_pack.load_detector(model_dir, providers, threads, max_side)
+        else:
+            self.detector = load_detector(detector, model_dir=model_dir, providers=providers,
+                                          threads=threads, max_side=max_side)
         self.threshold = self.detector.default_threshold if threshold is None else threshold
         # Analysis models load on first use, one Analyzer per set of attributes asked for.
         self._analysis_options = {"model_dir": model_dir, "providers": providers, "threads": threads}
