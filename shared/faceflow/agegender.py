@@ -67,11 +67,6 @@ EYE_CORNER_OFFSETS = np.array([   # (along, down) from each eye's centre
 ])
 NOSE_BASE_FRACTION = 0.40         # of the way from the nose tip to the mouth's centre (sd 0.05)
 
-# onnxruntime's NCHWc layout pass makes age-v1 1.5-2.5x slower on CPU (one thread, batches of
-# 1-20 chips; the outputs are the same to float rounding), while gender-v1 and the detectors
-# gain from it: it is skipped for the age model only.
-AGE_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
-
 # The chips each face is read from, averaged: (x, y) offset in chip pixels, mirrored. Under
 # one chip pixel of landmark noise, on the labelled faces, the age estimate's sd was 2.0 years
 # from one chip, 1.7 from these four and 1.6 from ten (5 offsets x mirror, 2.5x the time):
@@ -224,8 +219,7 @@ class AgeGender:
     def __init__(self, model_dir: Path | str | None = None, providers=None, threads: int = 0,
                  variants: tuple = CHIP_VARIANTS):
         self.variants = tuple(variants)
-        self.age_session = runtime.session(bundle.model_path("age", model_dir), providers, threads,
-                                           AGE_DISABLED_OPTIMIZERS)
+        self.age_session = runtime.session(bundle.model_path("age", model_dir), providers, threads)
         self.gender_session = runtime.session(bundle.model_path("gender", model_dir), providers, threads)
         for session, size, classes in ((self.age_session, AGE_CHIP, 81), (self.gender_session, GENDER_CHIP, 2)):
             shape_in, shape_out = session.get_inputs()[0].shape, session.get_outputs()[0].shape

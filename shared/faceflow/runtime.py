@@ -32,12 +32,10 @@ def resolve_providers(requested: list[str] | str | None = None) -> list[str]:
 
 
 def session(path: Path | str, providers: list[str] | str | None = None,
-            threads: int = 0, disabled_optimizers: tuple[str, ...] = ()) -> ort.InferenceSession:
-    """`disabled_optimizers`: onnxruntime graph transformers to skip for this model (by name)."""
+            threads: int = 0) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
     opts.inter_op_num_threads = 1
-    extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
-    return ort.InferenceSession(str(path), sess_options=opts, providers=resolve_providers(providers), **extra)
+    return ort.InferenceSession(str(path), sess_options=opts, providers=resolve_providers(providers))
