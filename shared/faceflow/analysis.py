@@ -22,7 +22,8 @@ from .face import Face
 
 ATTRIBUTES = ("gender", "age", "pose", "quality", "eyes", "mesh")   # allowed values, one place
 DEFAULT_ATTRIBUTES = ("gender", "age", "pose", "quality", "eyes")    # "mesh" only on request
-# Attributes read from the 468-point mesh; age and gender use it for alignment when it ran.
+# Attributes read from the 468-point mesh; age and gender align from it only a face without
+# detector landmarks.
 MESH_ATTRIBUTES = frozenset({"pose", "eyes", "mesh"})
 # Bundle models each attribute loads (to tell, before loading, whether they are installed).
 ATTRIBUTE_MODELS = {"gender": ("age", "gender"), "age": ("age", "gender"), "pose": ("facemesh",),
