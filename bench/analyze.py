@@ -14,7 +14,7 @@ OpenCV and onnxruntime load, cv2.setNumThreads(1), Engine(threads=1).
 Printed: p50 / p95 ms per face count with the process CPU time per run (wall far above CPU
 means the run waited for a core on a busy machine) and, beside it, the same photo with
 detection only (what the analysis adds is the difference), the cost of each extra face (least-squares
-slope of p50 over the face count), each stage's p50 at five faces (detect, mesh, each
+slope of p50, and of CPU time, over the face count), each stage's p50 at five faces (detect, mesh, each
 estimator; with --profile a cProfile of the 5-face runs), peak RSS (ru_maxrss, interpreter
 and models included) after the end-to-end runs and at the end, and the cold start: in
 fresh processes, the wall time to import faceflow and build the Engine, then to build the
@@ -165,7 +165,7 @@ def main() -> None:
     print(f"attributes: {','.join(attributes)}; one thread; {args.runs} runs after {args.warmup} warm-up")
     print(f"load average before: {load_average()}")
     print("| faces | p50 ms | p95 ms | CPU ms (p50) | detection only: p50 ms, CPU ms |\n|---|---|---|---|---|")
-    p50s = {}
+    p50s, cpus = {}, {}
     for count in sorted(data):
         fn = lambda d=data[count]: engine.analyze_bytes(d, attributes=attributes)  # noqa: E731
         detect_only = lambda d=data[count]: engine.analyze_bytes(d)  # noqa: E731
@@ -175,10 +175,13 @@ def main() -> None:
         p50, p95, cpu = timed(fn, args.runs)
         base_p50, _base_p95, base_cpu = timed(detect_only, args.runs)
         p50s[count] = p50
+        cpus[count] = cpu
         print(f"| {count} | {p50:.1f} | {p95:.1f} | {cpu:.1f} | {base_p50:.1f}, {base_cpu:.1f} |")
     counts = np.array(sorted(p50s), float)
     slope, intercept = np.polyfit(counts, [p50s[c] for c in sorted(p50s)], 1)
-    print(f"cost per extra face: {slope:.1f} ms (fit: {intercept:.1f} ms + {slope:.1f} ms x faces)")
+    cpu_slope, cpu_intercept = np.polyfit(counts, [cpus[c] for c in sorted(cpus)], 1)
+    print(f"cost per extra face: {slope:.1f} ms (fit: {intercept:.1f} ms + {slope:.1f} ms x faces); "
+          f"CPU {cpu_slope:.1f} ms (fit: {cpu_intercept:.1f} ms + {cpu_slope:.1f} ms x faces)")
     print(f"load average after: {load_average()}")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS after the end-to-end runs: {rss_mb:.0f} MB (target <= {TARGET_RSS_MB:.0f} MB)")
