@@ -101,9 +101,9 @@ class FaceMesh:
                                 borderMode=cv2.BORDER_CONSTANT) for m in transforms]
         out = []
         for first in range(0, len(crops), FACES_PER_FORWARD):
-            batch = np.stack(crops[first:first + FACES_PER_FORWARD])
-            blob = batch[..., ::-1].astype(np.float32) * (1.0 / 255.0)
-            self.net.setInput(np.ascontiguousarray(blob.transpose(0, 3, 1, 2)))
+            batch = crops[first:first + FACES_PER_FORWARD]
+            # RGB, [0, 1], NCHW in one pass
+            self.net.setInput(cv2.dnn.blobFromImages(batch, 1.0 / 255.0, swapRB=True))
             out.extend(self.net.forward().reshape(len(batch), MESH_POINTS, 3))
         return [to_image(points, m) for points, m in zip(out, transforms)]
 
