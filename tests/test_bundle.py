@@ -115,4 +115,6 @@ def test_installed_age_and_gender_have_no_subnormal_weights(model_dir):
         for tensor in model.graph.initializer:
             w = numpy_helper.to_array(tensor)
             if w.dtype == np.float32:
-                assert not ((w != 0) & (np.abs(w) < np.finfo(np.float32).tiny)).any(), (name, tensor.name)
+                assert not ((w != 0) & (np.abs(w) < np.finfo(np.float32).tiny)).any(), \
+                    f"{name}: {tensor.name} has subnormal weights: fetched before the flush-denormals " \
+                    f"transform; run `faceflow models fetch`"
