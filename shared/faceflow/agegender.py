@@ -69,8 +69,8 @@ NOSE_BASE_FRACTION = 0.40         # of the way from the nose tip to the mouth's 
 
 # The chips each face is read from, averaged: (x, y) offset in chip pixels, mirrored. Under
 # one chip pixel of landmark noise, on the labelled faces, the age estimate's sd was 2.0 years
-# from one chip, 1.7 from these four and 1.6 from ten (5 offsets x mirror, 2.5x the time):
-# and ages in the labelled range were 28/37 from one chip, 30/37 from plain + mirror, 31/37
+# from one chip, 1.7 from these four and 1.6 from ten (5 offsets x mirror, 2.5x the time);
+# ages in the labelled range were 28/37 from one chip, 30/37 from plain + mirror, 31/37
 # from these four (bench/accuracy.py --stability, --chips); the age network costs ~1 ms of
 # CPU a chip (bench/analyze.py), so four is the default.
 CHIP_VARIANTS = ((0, 0, False), (0, 0, True), (1, 1, False), (-1, -1, False))
