@@ -6,8 +6,10 @@
 
 Each labelled face is found again with the default detector (YuNet; IoU >= 0.5 with the
 labelled box) and read by faceflow.agegender.AgeGender, aligned from the detector's five
-landmarks (default) or, with --align mesh, from the 468-point mesh as the default attributes
-do; --chips picks the chips each face is read from (default agegender.CHIP_VARIANTS). Prints Markdown tables: gender accuracy where the model answers
+landmarks (default, as the analysis does) or, with --align mesh, from the 468-point mesh
+(the analysis' fallback for a face without landmarks); --chips picks the chips each face is
+read from (default agegender.CHIP_VARIANTS). Prints Markdown tables: gender accuracy where the
+model answers
 (`gender.value` not null), how often it answers, the accuracy it would have if it always
 answered; how often the age estimate falls in the labelled range; by group (small faces,
 elderly, children, turned heads), and the accuracy and coverage over confidence thresholds
@@ -74,7 +76,8 @@ def load_image(file: str, data: Path, download: bool = False) -> np.ndarray | No
 
 
 def evaluate(data: Path, model_dir=None, download: bool = False, threads: int = 0,
-             variants: tuple = agegender.CHIP_VARIANTS, align: str = "detector") -> tuple[list[dict], list[str]]:
+             variants: tuple = agegender.CHIP_VARIANTS,
+             align: str = "detector") -> tuple[list[dict], list[str]]:
     """One row per labelled face and the files that could not be read. A row holds the
     labels (label_gender, label_age [low, high], note), whether the face was found, its
     size, the likelier gender and its probability (even where the estimator would answer
@@ -282,8 +285,8 @@ def main(argv=None) -> None:
     ap.add_argument("--chips", choices=sorted(CHIP_SETS), default=None,
                     help="read each face from this chip set instead of agegender.CHIP_VARIANTS")
     ap.add_argument("--align", choices=("detector", "mesh"), default="detector",
-                    help="dlib's five points from the detector's landmarks or from the 468-point mesh "
-                         "(what the default attributes do: the mesh runs for pose and eyes)")
+                    help="dlib's five points from the detector's landmarks (as the analysis does) "
+                         "or from the 468-point mesh")
     args = ap.parse_args(argv)
     variants = CHIP_SETS[args.chips] if args.chips else agegender.CHIP_VARIANTS
     print(f"chips a face: {variants}; alignment from the {args.align}")

@@ -101,8 +101,8 @@ def test_flush_denormals_zeroes_only_subnormal_weights():
     got = numpy_helper.to_array(flushed.graph.initializer[0])
     assert got.tolist() == [[0.0, 0.5], [0.0, -tiny]]
     x = {"x": np.array([[2.0, 3.0]], np.float32)}
-    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
-    after = ort.InferenceSession(flushed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    before, after = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+                     for m in (model, flushed))
     np.testing.assert_allclose(after, before, atol=1e-37)
 
 
