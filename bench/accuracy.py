@@ -1,11 +1,15 @@
 """Age and gender against the by-eye labels in tests/data/attribute_labels.json.
 
     python bench/accuracy.py [--data ../shared/data] [--download] [--json OUT] [--stability]
-                             [--dlib-parity]
+                             [--dlib-parity] [--chips one|mirror|four|ten]
+                             [--align detector|mesh]
 
 Each labelled face is found again with the default detector (YuNet; IoU >= 0.5 with the
 labelled box) and read by faceflow.agegender.AgeGender, aligned from the detector's five
-landmarks (no mesh). Prints Markdown tables: gender accuracy where the model answers
+landmarks (default, as the analysis does) or, with --align mesh, from the 468-point mesh
+(the analysis' fallback for a face without landmarks); --chips picks the chips each face is
+read from (default agegender.CHIP_VARIANTS). Prints Markdown tables: gender accuracy where the
+model answers
 (`gender.value` not null), how often it answers, the accuracy it would have if it always
 answered; how often the age estimate falls in the labelled range; by group (small faces,
 elderly, children, turned heads), and the accuracy and coverage over confidence thresholds
@@ -35,6 +39,7 @@ sys.path.insert(0, str(ROOT / "shared"))
 from faceflow import agegender  # noqa: E402
 from faceflow.detectors import load_detector  # noqa: E402
 from faceflow.face import iou  # noqa: E402
+from faceflow.facemesh import FaceMesh  # noqa: E402
 
 LABELS = ROOT / "tests" / "data" / "attribute_labels.json"
 INSIGHTFACE_PREFIX = "insightface:"
@@ -70,15 +75,17 @@ def load_image(file: str, data: Path, download: bool = False) -> np.ndarray | No
     return cv2.imread(str(path)) if path.is_file() else None
 
 
-def evaluate(data: Path, model_dir=None, download: bool = False,
-             threads: int = 0) -> tuple[list[dict], list[str]]:
+def evaluate(data: Path, model_dir=None, download: bool = False, threads: int = 0,
+             variants: tuple = agegender.CHIP_VARIANTS,
+             align: str = "detector") -> tuple[list[dict], list[str]]:
     """One row per labelled face and the files that could not be read. A row holds the
     labels (label_gender, label_age [low, high], note), whether the face was found, its
     size, the likelier gender and its probability (even where the estimator would answer
     null) and the age the estimator reports."""
     labels = json.loads(LABELS.read_text())["faces"]
     detector = load_detector(model_dir=model_dir, threads=threads)
-    estimator = agegender.AgeGender(model_dir=model_dir, threads=threads)
+    estimator = agegender.AgeGender(model_dir=model_dir, threads=threads, variants=variants)
+    mesh = FaceMesh(model_dir) if align == "mesh" else None
     rows, missing = [], []
     by_file: dict[str, list[dict]] = {}
     for entry in labels:
@@ -96,7 +103,8 @@ def evaluate(data: Path, model_dir=None, download: bool = False,
             match = max(faces, key=lambda f: iou(f.box, entry["box"]), default=None)
             if match is None or iou(match.box, entry["box"]) < 0.5:
                 continue
-            points = agegender.dlib5_from_detector(match.landmarks)
+            points = (agegender.dlib5_from_mesh(mesh.run(image, [match])[0]) if mesh is not None
+                      else agegender.dlib5_from_detector(match.landmarks))
             age, gender = estimator.probabilities(image, [points])
             likely = int(np.argmax(gender[0]))
             row.update(found=True, size=round(match.box[2]), model_gender=agegender.GENDER_LABELS[likely],
@@ -175,11 +183,17 @@ def report(rows: list[dict], missing: list[str]) -> str:
     return "\n".join(lines)
 
 
+CHIP_SETS = {
+    "one": ((0, 0, False),),
+    "mirror": ((0, 0, False), (0, 0, True)),
+    "four": ((0, 0, False), (0, 0, True), (1, 1, False), (-1, -1, False)),
+    "ten": tuple((dx, dy, m) for dx, dy in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)) for m in (False, True)),
+}
 STABILITY_VARIANTS = {
-    "one chip": ((0, 0, False),),
-    "default (CHIP_VARIANTS)": agegender.CHIP_VARIANTS,
-    "ten: 5 offsets x mirror": tuple((dx, dy, m) for dx, dy in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
-                                     for m in (False, True)),
+    "one chip": CHIP_SETS["one"],
+    "plain + mirror": CHIP_SETS["mirror"],
+    "four: plain, mirror, (1,1), (-1,-1)": CHIP_SETS["four"],
+    "ten: 5 offsets x mirror": CHIP_SETS["ten"],
 }
 
 
@@ -268,8 +282,15 @@ def main(argv=None) -> None:
                     help="also measure how much the age moves with landmark noise, per chip set")
     ap.add_argument("--dlib-parity", action="store_true",
                     help="also compare the chips with dlib's own (needs `pip install dlib-bin`)")
+    ap.add_argument("--chips", choices=sorted(CHIP_SETS), default=None,
+                    help="read each face from this chip set instead of agegender.CHIP_VARIANTS")
+    ap.add_argument("--align", choices=("detector", "mesh"), default="detector",
+                    help="dlib's five points from the detector's landmarks (as the analysis does) "
+                         "or from the 468-point mesh")
     args = ap.parse_args(argv)
-    rows, missing = evaluate(args.data, args.models, args.download)
+    variants = CHIP_SETS[args.chips] if args.chips else agegender.CHIP_VARIANTS
+    print(f"chips a face: {variants}; alignment from the {args.align}")
+    rows, missing = evaluate(args.data, args.models, args.download, variants=variants, align=args.align)
     print(report(rows, missing))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "missing": missing}, indent=1))

@@ -2,6 +2,7 @@
 default attributes (gender, age, pose, quality, eyes), and the cold start the analysis models add.
 
     python bench/analyze.py [--runs 30] [--warmup 3] [--attributes gender,age,pose,quality,eyes]
+                            [--cold-runs 5] [--profile]
 
 The photo is cut from ../shared/data/images/pyfeat_multi_face.jpg (five faces, ~100-130 px):
 a 640x480 window holding all five, then with 4, 3, 2, 1 of them covered by a flat grey patch
@@ -11,9 +12,11 @@ estimator). Everything runs on one thread: OMP/OpenBLAS/MKL threads are set to 1
 OpenCV and onnxruntime load, cv2.setNumThreads(1), Engine(threads=1).
 
 Printed: p50 / p95 ms per face count with the process CPU time per run (wall far above CPU
-means the run waited for a core on a busy machine), the cost of each extra face (least-squares
-slope of p50 over the face count), each stage's p50 at five faces (detect, mesh, each
-estimator), peak RSS (ru_maxrss, interpreter and models included), and the cold start: in
+means the run waited for a core on a busy machine) and, beside it, the same photo with
+detection only (what the analysis adds is the difference), the cost of each extra face (least-squares
+slope of p50, and of CPU time, over the face count), each stage's p50 at five faces (detect, mesh, each
+estimator; with --profile a cProfile of the 5-face runs), peak RSS (ru_maxrss, interpreter
+and models included) after the end-to-end runs and at the end, and the cold start: in
 fresh processes, the wall time to import faceflow and build the Engine, then to build the
 Analyzer (its imports and model loads: what analysis adds to a Lambda cold start); medians.
 The load average is printed beside every table. Targets (printed, not enforced): p50 <= 40 ms
@@ -40,6 +43,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "shared"))
 from faceflow import images  # noqa: E402
+from faceflow.agegender import AGE_CHIP, FACES_PER_RUN, GENDER_CHIP, AgeGender  # noqa: E402
 from faceflow.analysis import DEFAULT_ATTRIBUTES, FaceContext, parse_attributes  # noqa: E402
 from faceflow.engine import Engine  # noqa: E402
 
@@ -100,6 +104,35 @@ def timed(fn, runs: int):
     return statistics.median(wall), wall[min(len(wall) - 1, int(0.95 * len(wall)))], statistics.median(cpu)
 
 
+def age_gender_parts(estimator: AgeGender, bgr, contexts) -> dict:
+    """AgeGender's parts as stages: each network's chips, then the network on them."""
+    points = [estimator.alignment_points(c) for c in contexts]
+    per_run = FACES_PER_RUN * len(estimator.variants)
+    stages = {}
+    for session, size, label in ((estimator.age_session, AGE_CHIP, "age"),
+                                 (estimator.gender_session, GENDER_CHIP, "gender")):
+        def chips(size=size):
+            return [c for p in points for c in estimator.chips(bgr, p, size)]
+
+        def network(session=session, blob=estimator.blob(chips())):
+            name = session.get_inputs()[0].name
+            return [session.run(None, {name: blob[i:i + per_run]}) for i in range(0, len(blob), per_run)]
+        count = len(points) * len(estimator.variants)
+        stages[f"- {label} chips ({count})"] = chips
+        stages[f"- {label} network ({count} chips, {per_run} a run)"] = network
+    return stages
+
+
+def profile(fn, runs: int, top: int = 15) -> None:
+    """cProfile of `runs` calls: the functions with the most time of their own."""
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [fn() for _ in range(runs)])
+    print(f"\ncProfile, {runs} runs at 5 faces (own time, top {top}):")
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(top)
+
+
 def cold_start(attributes, runs: int) -> tuple[float, float]:
     """Median seconds, in fresh processes, of import + Engine, and of building the Analyzer
     (its imports and model loads) after that."""
@@ -121,6 +154,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cold-runs", type=int, default=5)
     ap.add_argument("--attributes", default=",".join(DEFAULT_ATTRIBUTES))
+    ap.add_argument("--profile", action="store_true", help="also print a cProfile of the 5-face runs")
     args = ap.parse_args()
     attributes = parse_attributes(args.attributes)
     cv2.setNumThreads(1)
@@ -130,19 +164,29 @@ def main() -> None:
 
     print(f"attributes: {','.join(attributes)}; one thread; {args.runs} runs after {args.warmup} warm-up")
     print(f"load average before: {load_average()}")
-    print("| faces | p50 ms | p95 ms | CPU ms (p50) |\n|---|---|---|---|")
-    p50s = {}
+    print("| faces | p50 ms | p95 ms | CPU ms (p50) | detection only: p50 ms, CPU ms |\n|---|---|---|---|---|")
+    p50s, cpus = {}, {}
     for count in sorted(data):
         fn = lambda d=data[count]: engine.analyze_bytes(d, attributes=attributes)  # noqa: E731
+        detect_only = lambda d=data[count]: engine.analyze_bytes(d)  # noqa: E731
         for _ in range(args.warmup):
             fn()
+            detect_only()
         p50, p95, cpu = timed(fn, args.runs)
+        base_p50, _base_p95, base_cpu = timed(detect_only, args.runs)
         p50s[count] = p50
-        print(f"| {count} | {p50:.1f} | {p95:.1f} | {cpu:.1f} |")
+        cpus[count] = cpu
+        print(f"| {count} | {p50:.1f} | {p95:.1f} | {cpu:.1f} | {base_p50:.1f}, {base_cpu:.1f} |")
     counts = np.array(sorted(p50s), float)
     slope, intercept = np.polyfit(counts, [p50s[c] for c in sorted(p50s)], 1)
-    print(f"cost per extra face: {slope:.1f} ms (fit: {intercept:.1f} ms + {slope:.1f} ms x faces)")
+    cpu_slope, cpu_intercept = np.polyfit(counts, [cpus[c] for c in sorted(cpus)], 1)
+    print(f"cost per extra face: {slope:.1f} ms (fit: {intercept:.1f} ms + {slope:.1f} ms x faces); "
+          f"CPU {cpu_slope:.1f} ms (fit: {cpu_intercept:.1f} ms + {cpu_slope:.1f} ms x faces)")
     print(f"load average after: {load_average()}")
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS after the end-to-end runs: {rss_mb:.0f} MB (target <= {TARGET_RSS_MB:.0f} MB)")
+    if args.profile:
+        profile(lambda: engine.analyze_bytes(data[5], attributes=attributes), args.runs)
 
     # Stages at five faces.
     bgr = images.to_bgr8(images.decode(data[5]).pixels)
@@ -156,6 +200,8 @@ def main() -> None:
     for estimator in analyzer.estimators:
         stages[f"{type(estimator).__name__} (5 faces)"] = \
             lambda e=estimator: e.estimate(bgr, contexts)
+        if isinstance(estimator, AgeGender):
+            stages.update(age_gender_parts(estimator, bgr, contexts))
     print(f"\nstages at 5 faces, load average {load_average()}")
     print("| stage | p50 ms | CPU ms (p50) |\n|---|---|---|")
     for name, fn in stages.items():
@@ -164,7 +210,8 @@ def main() -> None:
         print(f"| {name} | {p50:.1f} | {cpu:.1f} |")
 
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak RSS: {rss_mb:.0f} MB (target <= {TARGET_RSS_MB:.0f} MB), load average {load_average()}")
+    print(f"\npeak RSS at the end: {rss_mb:.0f} MB (target <= {TARGET_RSS_MB:.0f} MB), "
+          f"load average {load_average()}")
     base, analysis_s = cold_start(attributes, args.cold_runs)
     print(f"cold start, median of {args.cold_runs} fresh processes: import + Engine {base:.2f} s, "
           f"then the Analyzer (imports + model loads) {analysis_s:.2f} s: {base + analysis_s:.2f} s "

@@ -172,16 +172,15 @@ def test_batched_faces_equal_one_at_a_time(estimator, engine):
         assert a["age"]["value"] == pytest.approx(b["age"]["value"], abs=0.2)
 
 
-def test_mesh_points_are_used_when_given(estimator, astronaut_bgr, engine):
-    """With a mesh, alignment reads its eye corners and nose base (MESH_DLIB5), not the
-    detector's landmarks: a face whose landmarks are nonsense but whose mesh is right gets
-    the answer of the right points."""
+def test_mesh_points_align_a_face_without_landmarks(estimator, astronaut_bgr, engine):
+    """Without detector landmarks, alignment reads the mesh's eye corners and nose base
+    (MESH_DLIB5): the answer is that of the same points given directly."""
     face = engine.detect(astronaut_bgr)[0]
     points = dlib5_from_detector(face.landmarks)
     mesh = np.zeros((468, 3), np.float32)
     mesh[list(MESH_DLIB5), :2] = points
-    broken = Face(box=face.box, score=face.score, landmarks=np.zeros((5, 2), np.float32))
-    with_mesh = estimator.estimate(astronaut_bgr, [FaceContext(face=broken, mesh=mesh)])[0]
+    no_landmarks = Face(box=face.box, score=face.score, landmarks=None)
+    with_mesh = estimator.estimate(astronaut_bgr, [FaceContext(face=no_landmarks, mesh=mesh)])[0]
     age, gender = estimator.probabilities(astronaut_bgr, [points])
     # the mesh is float32: equal to the float64 points' answer up to rounding
     expected_gender, expected_age = gender_from_probabilities(gender[0]), age_from_distribution(age[0])
@@ -189,6 +188,17 @@ def test_mesh_points_are_used_when_given(estimator, astronaut_bgr, engine):
     assert with_mesh["gender"]["confidence"] == pytest.approx(expected_gender["confidence"], abs=1e-3)
     assert with_mesh["age"]["value"] == pytest.approx(expected_age["value"], abs=0.15)
     assert with_mesh["age"]["bucket"] == expected_age["bucket"]
+
+
+def test_detector_landmarks_align_before_the_mesh(estimator, astronaut_bgr, engine):
+    """With both, the detector's landmarks align the chips (they read better on the labelled
+    set, see AgeGender.alignment_points): a nonsense mesh changes nothing."""
+    face = engine.detect(astronaut_bgr)[0]
+    nonsense_mesh = np.zeros((468, 3), np.float32)
+    with_mesh = estimator.estimate(astronaut_bgr, [FaceContext(face=face, mesh=nonsense_mesh)])[0]
+    without = estimator.estimate(astronaut_bgr, [FaceContext(face=face, mesh=None)])[0]
+    assert with_mesh == without
+    assert with_mesh["gender"]["value"] is not None and with_mesh["age"] is not None
 
 
 # --- accuracy on the labelled set ---------------------------------------------------------------

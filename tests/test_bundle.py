@@ -80,3 +80,41 @@ def test_detectors_take_batches(model_dir, astronaut_bgr, name):
 def test_providers_are_named_explicitly(model_dir):
     det = load_detector("yunet", model_dir=model_dir)
     assert det.providers == ["CPUExecutionProvider"]
+
+
+def test_flush_denormals_zeroes_only_subnormal_weights():
+    """The age and gender networks hold subnormal float32 weights, which x86 CPUs multiply many
+    times slower; the fetch transform sets exactly those to zero and leaves the graph's answer."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    import onnxruntime as ort
+
+    tiny = np.finfo(np.float32).tiny
+    weights = np.array([[1e-40, 0.5], [-3e-39, -tiny]], np.float32)  # two subnormal, one smallest normal
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    flushed = onnx.load_from_string(bundle._transform("flush-denormals", model.SerializeToString()))
+    got = numpy_helper.to_array(flushed.graph.initializer[0])
+    assert got.tolist() == [[0.0, 0.5], [0.0, -tiny]]
+    x = {"x": np.array([[2.0, 3.0]], np.float32)}
+    before, after = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+                     for m in (model, flushed))
+    np.testing.assert_allclose(after, before, atol=1e-37)
+
+
+def test_installed_age_and_gender_have_no_subnormal_weights(model_dir):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    for name in ("age", "gender"):
+        model = onnx.load(str(bundle.model_path(name, model_dir)))
+        for tensor in model.graph.initializer:
+            w = numpy_helper.to_array(tensor)
+            if w.dtype == np.float32:
+                assert not ((w != 0) & (np.abs(w) < np.finfo(np.float32).tiny)).any(), \
+                    f"{name}: {tensor.name} has subnormal weights: fetched before the flush-denormals " \
+                    f"transform; run `faceflow models fetch`"

@@ -9,8 +9,8 @@ dlib is not needed at run time. Inputs: RGB chips, (pixel - mean) / 256, NCHW; a
 (female, male).
 
 A one-pixel shift of the chip moves the age estimate by years, so every face is read from a
-few jittered and mirrored chips (CHIP_VARIANTS), all faces in one onnxruntime run per
-network, and the probabilities averaged.
+few jittered and mirrored chips (CHIP_VARIANTS), batched FACES_PER_RUN faces to an
+onnxruntime run per network, and the probabilities averaged.
 """
 from __future__ import annotations
 
@@ -69,10 +69,16 @@ NOSE_BASE_FRACTION = 0.40         # of the way from the nose tip to the mouth's 
 
 # The chips each face is read from, averaged: (x, y) offset in chip pixels, mirrored. Under
 # one chip pixel of landmark noise, on the labelled faces, the age estimate's sd was 2.0 years
-# from one chip, 1.7 from these four and 1.6 from ten (5 offsets x mirror, 2.5x the time):
-# the age network costs ~4.7 ms of CPU a chip, so four is the default (bench/accuracy.py
-# --stability measures it).
+# from one chip, 1.7 from these four and 1.6 from ten (5 offsets x mirror, 2.5x the time);
+# ages in the labelled range were 28/37 from one chip, 30/37 from plain + mirror, 31/37
+# from these four (bench/accuracy.py --stability, --chips); the age network costs ~1 ms of
+# CPU a chip (bench/analyze.py), so four is the default.
 CHIP_VARIANTS = ((0, 0, False), (0, 0, True), (1, 1, False), (-1, -1, False))
+# Faces per onnxruntime run (8 age chips): onnxruntime's arena keeps the largest batch's
+# buffers for the life of the session, so one run for all the faces of a crowded photo
+# would hold that much for good. Two faces a run cost ~4% over one run for five faces at
+# 640x480, and keep the peak RSS flat in the face count (bench/analyze.py).
+FACES_PER_RUN = 2
 
 
 def dlib5_from_detector(landmarks: np.ndarray) -> np.ndarray:
@@ -138,10 +144,22 @@ def face_chip(bgr: np.ndarray, points5: np.ndarray, size: int,
     pyramid_down<2> kernel) until less than 2x remains, then sampled bilinearly: bilinear
     sampling alone would alias when a 300 px face becomes 32 px.
     """
+    return face_chips(bgr, points5, size, (shift,))[0]
+
+
+def face_chips(bgr: np.ndarray, points5: np.ndarray, size: int,
+               shifts: tuple[tuple[float, float], ...]) -> list[np.ndarray]:
+    """face_chip for each shift (chip pixels) of the same face: the region around all of them
+    is cut and reduced once."""
     to_image = chip_transform(points5, size)
-    to_image[:, 2] += to_image[:, :2] @ np.asarray(shift, np.float64)
+    transforms = []
+    for shift in shifts:
+        m = to_image.copy()
+        m[:, 2] += m[:, :2] @ np.asarray(shift, np.float64)
+        transforms.append(m)
     step = float(np.hypot(to_image[0, 0], to_image[1, 0]))
-    corners = to_image @ np.array([[0, 0, 1], [size - 1, 0, 1], [0, size - 1, 1], [size - 1, size - 1, 1]]).T
+    unit = np.array([[0, 0, 1], [size - 1, 0, 1], [0, size - 1, 1], [size - 1, size - 1, 1]]).T
+    corners = np.hstack([m @ unit for m in transforms])
     h, w = bgr.shape[:2]
     margin = 4 * max(1.0, step)
     x0 = int(max(0, np.floor(corners[0].min() - margin)))
@@ -149,16 +167,21 @@ def face_chip(bgr: np.ndarray, points5: np.ndarray, size: int,
     x1 = int(min(w, np.ceil(corners[0].max() + margin) + 1))
     y1 = int(min(h, np.ceil(corners[1].max() + margin) + 1))
     if x1 <= x0 or y1 <= y0:
-        return np.zeros((size, size, 3), np.uint8)
+        return [np.zeros((size, size, 3), np.uint8) for _ in shifts]
     source = bgr[y0:y1, x0:x1]
-    to_image[:, 2] -= (x0, y0)
+    scale = 1.0
     while step > 2 and min(source.shape[:2]) > 8:
         source = cv2.pyrDown(source)
         # cv2.pyrDown's output pixel i is centred on input pixel 2i.
-        to_image /= 2
+        scale /= 2
         step /= 2
-    return cv2.warpAffine(source, to_image, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    out = []
+    for m in transforms:
+        m[:, 2] -= (x0, y0)
+        out.append(cv2.warpAffine(source, m * scale, (size, size),
+                                  flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0))
+    return out
 
 
 def age_bucket(years: float) -> str:
@@ -207,19 +230,27 @@ class AgeGender:
 
     @staticmethod
     def alignment_points(face_context) -> np.ndarray | None:
-        """dlib's five points for one face: from the mesh when it ran, else from the detector's
-        landmarks; None when the face has neither."""
-        if getattr(face_context, "mesh", None) is not None:
-            return dlib5_from_mesh(face_context.mesh)
+        """dlib's five points for one face: from the detector's landmarks, else from the mesh
+        when it ran; None when the face has neither.
+
+        The detector's come first because they read better: on the labelled set
+        (`python bench/accuracy.py --align detector|mesh`) the age fell in the labelled range
+        for 31/37 faces aligned from the detector and 29/37 from the mesh, gender was right
+        (forced) for 35/37 and 34/37 (EYE_CORNER_OFFSETS were measured where dlib's own
+        predictor puts its points; the mesh's corners sit elsewhere)."""
         if face_context.face.landmarks is not None:
             return dlib5_from_detector(face_context.face.landmarks)
+        if getattr(face_context, "mesh", None) is not None:
+            return dlib5_from_mesh(face_context.mesh)
         return None
 
     def chips(self, bgr: np.ndarray, points5: np.ndarray, size: int) -> list[np.ndarray]:
-        """The chips of one face, one per variant, RGB."""
+        """The chips of one face, one per variant, RGB (a shift is cut once, mirrored or not)."""
+        shifts = tuple(dict.fromkeys((dx, dy) for dx, dy, _ in self.variants))
+        by_shift = dict(zip(shifts, face_chips(bgr, points5, size, shifts)))
         out = []
         for dx, dy, mirrored in self.variants:
-            rgb = face_chip(bgr, points5, size, (dx, dy))[..., ::-1]
+            rgb = by_shift[dx, dy][..., ::-1]
             out.append(rgb[:, ::-1] if mirrored else rgb)
         return out
 
@@ -235,9 +266,12 @@ class AgeGender:
         per_face = len(self.variants)
         results = []
         for session, size in ((self.age_session, AGE_CHIP), (self.gender_session, GENDER_CHIP)):
-            chips = [c for p in points for c in self.chips(bgr, p, size)]
-            probs = session.run(None, {session.get_inputs()[0].name: self.blob(chips)})[0]
-            results.append(probs.reshape(len(points), per_face, -1).mean(1))
+            name = session.get_inputs()[0].name
+            probs = []
+            for first in range(0, len(points), FACES_PER_RUN):
+                chips = [c for p in points[first:first + FACES_PER_RUN] for c in self.chips(bgr, p, size)]
+                probs.append(session.run(None, {name: self.blob(chips)})[0])
+            results.append(np.concatenate(probs).reshape(len(points), per_face, -1).mean(1))
         return results[0], results[1]
 
     def estimate(self, bgr: np.ndarray, faces: list) -> list[dict]:
