@@ -9,14 +9,16 @@ swap plug in beside it without touching the decode/detect/encode flow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from . import images
 from .anonymize import MaskOptions, apply_masks, apply_masks_planes
-from .detectors import Detector
 from .face import Face, iou
+
+if TYPE_CHECKING:  # the handlers that never detect must not load onnxruntime through this module
+    from .detectors import Detector
 
 # Masked output must show no face to the detector even at a low threshold (0.3); check
 # below it to leave room for what re-encoding changes.
