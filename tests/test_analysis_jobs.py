@@ -6,21 +6,19 @@ service is missing (fails in CI: see conftest)."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.parse
 import urllib.request
 
-import numpy as np
 import pytest
 
 from conftest import require_services
 
 require_services()
 
-import av  # noqa: E402
 import cv2  # noqa: E402
 
 from devstack import Stack  # noqa: E402
+from stack_client import panning_clip, upload_to, wait_for_job  # noqa: E402
 from functions.common.settings import ANALYZE_PREFIX  # noqa: E402
 
 ERROR_KEYS = {"message", "status"}
@@ -52,33 +50,12 @@ def photo(astronaut_bgr) -> bytes:
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory, astronaut_bgr) -> bytes:
     """A public-domain face (skimage's astronaut) panning across 2 s of H.264."""
-    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
-    face = cv2.resize(astronaut_bgr, (SIDE, SIDE))
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuv420p"
-        for i in range(FRAMES):
-            frame = np.ascontiguousarray(np.roll(face, i * 2, axis=1))
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path.read_bytes()
+    return panning_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", astronaut_bgr, SIDE, FPS, FRAMES, 2)
 
 
 def analyze(stack, data: bytes, query: str = "") -> tuple[int, dict]:
     status, _, body = stack.request("POST", f"/v1/analyze{query}", body=data, headers={"Content-Type": "image/jpeg"})
     return status, json.loads(body)
-
-
-def wait_for_job(stack, job_id: str, timeout: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        status, _, body = stack.request("GET", f"/v1/jobs/{job_id}")
-        if status == 200 and json.loads(body)["status"] in ("done", "failed"):
-            return json.loads(body)
-        assert time.monotonic() < deadline, f"job {job_id}: {status} {body[:300]!r} after {timeout}s"
-        time.sleep(0.5)
 
 
 def report_only(stack, job_id: str) -> dict:
@@ -141,10 +118,7 @@ def test_photo_job_with_operation_analyze_writes_the_report_only(stack, photo):
     assert status == 201, body
     created = json.loads(body)
     assert f"/{ANALYZE_PREFIX}{created['job_id']}/team.jpg" in urllib.parse.unquote(created["upload"]["url"])
-    put = urllib.request.Request(created["upload"]["url"], data=photo, method="PUT",
-                                 headers=created["upload"]["headers"])
-    with urllib.request.urlopen(put, timeout=30) as response:
-        assert response.status == 200
+    upload_to(created, photo)
     job = wait_for_job(stack, created["job_id"])
     assert job["status"] == "done" and job["operation"] == "analyze" and job["faces"] == 1, job
     report = report_only(stack, created["job_id"])
@@ -181,10 +155,7 @@ def test_video_job_with_operation_analyze_reports_tracks(stack, clip, priority, 
     status, _, body = stack.request("POST", "/v1/jobs", fields)
     assert status == 201, body
     created = json.loads(body)
-    put = urllib.request.Request(created["upload"]["url"], data=clip, method="PUT",
-                                 headers=created["upload"]["headers"])
-    with urllib.request.urlopen(put, timeout=30) as response:
-        assert response.status == 200
+    upload_to(created, clip)
     job = wait_for_job(stack, created["job_id"], timeout=240)
     assert job["status"] == "done" and job["route"] == route and job["stage"] == stage, job
     report = report_only(stack, created["job_id"])

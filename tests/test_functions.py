@@ -205,7 +205,7 @@ def test_the_same_event_twice_writes_once_and_returns_the_first_result(stack, jp
     assert output_versions(stack, prefix) == writes  # no second write
     later = stack.s3.head_object(Bucket=stack.output_bucket, Key=prefix + "twice.jpg")
     assert (later["VersionId"], later["LastModified"]) == (head["VersionId"], head["LastModified"])
-    assert set(redis_client.keys(JOB_KEYS)) - jobs_before == {f"faceflow:job:{job_id}"}  # one job
+    assert set(redis_client.keys(JOB_KEYS)) - jobs_before == {f"faceflow:job:{{{job_id}}}"}  # one job
     assert len(log_lines(stack, "stills", message="job done", job_id=job_id)) == 1  # processed once
 
 
@@ -453,7 +453,7 @@ def test_api_video_job_progress_route_and_recorded_outputs(stack, redis_client):
     job_id, up = created["job_id"], created["upload"]
     assert up["headers"] == {"Content-Type": "video/mp4"} and up["url"].startswith("http")
     assert f"uploads/{job_id}/keynote.mp4" in urllib.parse.unquote(up["url"])
-    key = f"faceflow:job:{job_id}"
+    key = f"faceflow:job:{{{job_id}}}"
     record = redis_client.hgetall(key)
     assert record["sensitivity"] == "private" and record["priority"] == "low" and record["media"] == "video"
     assert stack.request("POST", "/v1/jobs", body={"filename": "x.mp4", "sensitivity": "secret"})[0] == 400

@@ -13,7 +13,6 @@ import re
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 
 from conftest import require_services
@@ -21,9 +20,9 @@ from conftest import require_services
 require_services()
 
 import av  # noqa: E402
-import cv2  # noqa: E402
 
 from devstack import Stack  # noqa: E402
+from stack_client import create_job, job_record, panning_clip, wait_for_job  # noqa: E402
 
 FPS, FRAMES, SIDE = 12, 36, 384   # 3 s at one keyframe a second: 3 chunks of 1 s
 SPLIT_TIMEOUT_S = 0.05
@@ -48,45 +47,7 @@ def stack(tmp_path_factory, model_dir):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory, astronaut_bgr) -> bytes:
     """A public-domain face (skimage's astronaut) panning across 3 s of H.264."""
-    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
-    face = cv2.resize(astronaut_bgr, (SIDE, SIDE))
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuv420p"
-        stream.codec_context.gop_size = FPS
-        for i in range(FRAMES):
-            frame = np.ascontiguousarray(np.roll(face, i * 3, axis=1))
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path.read_bytes()
-
-
-def create_job(stack, filename: str, body: bytes, **fields) -> str:
-    status, _, reply = stack.request("POST", "/v1/jobs", {"filename": filename, **fields})
-    assert status == 201, reply
-    job = json.loads(reply)
-    upload = urllib.request.Request(job["upload"]["url"], data=body, method="PUT", headers=job["upload"]["headers"])
-    with urllib.request.urlopen(upload, timeout=30) as response:
-        assert response.status == 200
-    return job["job_id"]
-
-
-def job_record(stack, job_id: str) -> dict:
-    status, _, body = stack.request("GET", f"/v1/jobs/{job_id}")
-    assert status == 200, body
-    return json.loads(body)
-
-
-def wait_for_job(stack, job_id: str, timeout: float = 240.0, until=("done", "failed")) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = job_record(stack, job_id)
-        if job["status"] in until:
-            return job
-        assert time.monotonic() < deadline, f"job {job_id} still {job['status']} ({job.get('stage')}) after {timeout}s"
-        time.sleep(1.0)
+    return panning_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", astronaut_bgr, SIDE, FPS, FRAMES, 3, gop=FPS)
 
 
 def frame_count(data: bytes, tmp_path) -> int:

@@ -83,9 +83,9 @@ def test_session_claims_in_order_only(fresh_rdb):
     assert store.commit(c1, {"frame": 20}, {"output": "o1"}).status == COMMITTED
     session = store.get("s1")
     assert session["next_seq"] == 2 and session["version"] == 2 and session["state"] == {"frame": 20}
-    assert 0 < rdb.ttl("faceflow:session:s1") <= 60
-    assert 0 < rdb.ttl("faceflow:session:s1:results") <= 60
-    assert not rdb.exists("faceflow:session:s1:lock")
+    assert 0 < rdb.ttl("faceflow:session:{s1}") <= 60
+    assert 0 < rdb.ttl("faceflow:session:{s1}:results") <= 60
+    assert not rdb.exists("faceflow:session:{s1}:lock")
     with pytest.raises(ValueError):
         store.claim("../etc", 0, 5000)
 
@@ -140,7 +140,7 @@ def test_session_recovers_from_checkpoints_when_redis_forgets(fresh_rdb):
 def test_video_job_counts_each_chunk_once_and_merges_once(fresh_rdb):
     rdb = fresh_rdb
     jobs = VideoJobs(rdb, ttl_s=60)
-    rdb.hset("faceflow:job:j1", mapping={"status": "running", "owner": "me"})
+    rdb.hset("faceflow:job:{j1}", mapping={"status": "running", "owner": "me"})
     assert jobs.plan("j1", 3, "s3://b/work/j1/plan.json") == 0
     assert jobs.plan("j1", 3, "s3://b/work/j1/plan.json") == 0   # repeat: harmless
     with pytest.raises(redis.ResponseError):
@@ -148,8 +148,8 @@ def test_video_job_counts_each_chunk_once_and_merges_once(fresh_rdb):
     a = jobs.chunk_done("j1", 0, 5000)
     b = jobs.chunk_done("j1", 0, 5000)                            # duplicate completion
     assert (a.done, a.added, b.done, b.added) == (1, True, 1, False)
-    assert rdb.hget("faceflow:job:j1", "chunks_done") == "1"
-    assert json.loads(rdb.hget("faceflow:job:j1", "progress")) == {"chunks_done": 1, "chunks_total": 3}
+    assert rdb.hget("faceflow:job:{j1}", "chunks_done") == "1"
+    assert json.loads(rdb.hget("faceflow:job:{j1}", "progress")) == {"chunks_done": 1, "chunks_total": 3}
     assert not jobs.chunk_done("j1", 2, 5000).merge
     last = jobs.chunk_done("j1", 1, 5000)
     assert last.merge and last.token and last.done == 3
@@ -164,9 +164,9 @@ def test_video_job_counts_each_chunk_once_and_merges_once(fresh_rdb):
     # progress is never written into a job record that does not exist (no owner-less records)
     jobs.plan("j2", 2, "p")
     jobs.chunk_done("j2", 0, 5000)
-    assert not rdb.exists("faceflow:job:j2")
+    assert not rdb.exists("faceflow:job:{j2}")
     # lost from Redis: rebuilt from durable storage through recover()
-    rdb.delete("faceflow:video:j2", "faceflow:video:j2:done")
+    rdb.delete("faceflow:video:{j2}", "faceflow:video:{j2}:done")
     with pytest.raises(SessionError):
         jobs.chunk_done("j2", 1, 5000)
     rebuilt = jobs.chunk_done("j2", 1, 5000, recover=lambda: (2, "p", [0, 1]))
@@ -584,7 +584,7 @@ def test_worker_killed_mid_chunk_is_retried_after_lock_expiry(app, s3, clip_spli
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "shared"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, json.dumps(event)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    lock = f"faceflow:session:{sid}:lock"
+    lock = f"faceflow:session:{{{sid}}}:lock"
     try:
         wait_until(lambda: rdb.exists(lock) or proc.poll() is not None, 120, what="the worker to take the chunk")
         time.sleep(0.3)                                        # well inside the chunk's processing

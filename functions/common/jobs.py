@@ -19,6 +19,13 @@ STATUSES = (QUEUED, RUNNING, DONE, FAILED)
 _JSON_FIELDS = ("outputs", "progress", "options")
 
 
+def job_key(prefix: str, job_id: str) -> str:
+    """The job's hash. The id is a hash tag ({...}) so that scripts touching it and the
+    video keys of the same job (functions.common.sessions) stay in one slot of a clustered
+    Redis such as ElastiCache Serverless (a multi-key script across slots is refused)."""
+    return f"{prefix}{{{job_id}}}"
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -39,7 +46,7 @@ class JobStore:
                                         socket_connect_timeout=3), ttl_s)
 
     def _key(self, job_id: str) -> str:
-        return self.prefix + job_id
+        return job_key(self.prefix, job_id)
 
     def put(self, job_id: str, status: str, **fields: Any) -> None:
         if status not in STATUSES:

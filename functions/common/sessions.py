@@ -44,7 +44,7 @@ Key layout (`faceflow:` prefix; every key has a TTL, refreshed on each write):
 
 | key | type | fields / members |
 |---|---|---|
-| `faceflow:session:{sid}` | hash | `version` (int, +1 per commit), `next_seq` (int), `state` (JSON), `created`, `updated` (epoch s), `restored` (epoch s, when rebuilt from a checkpoint) |
+| `faceflow:session:{sid}` (braces kept: a hash tag) | hash | `version` (int, +1 per commit), `next_seq` (int), `state` (JSON), `created`, `updated` (epoch s), `restored` (epoch s, when rebuilt from a checkpoint) |
 | `faceflow:session:{sid}:lock` | string, PX | random token of the worker holding the session |
 | `faceflow:session:{sid}:results` | hash | `{seq}` → result JSON (output/report pointers, frames, faces) |
 | `faceflow:video:{job}` | hash | `total` (chunks), `plan` (where the split plan lives), `created`, `merged` ("1" once the merge finished) |
@@ -64,6 +64,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 import redis
+
+from .jobs import job_key
 
 PROCESS, DUPLICATE, NOT_YET, BUSY = "process", "duplicate", "not_yet", "busy"
 COMMITTED, ALREADY_DONE = "committed", "already_done"
@@ -281,7 +283,7 @@ class SessionStore:
             self._scripts[name] = self.client.register_script(lua)
 
     def keys(self, session_id: str) -> list[str]:
-        base = self.prefix + session_id
+        base = f"{self.prefix}{{{session_id}}}"  # hash tag: one cluster slot (see jobs.job_key)
         return [base, base + ":lock", base + ":results"]
 
     def get(self, session_id: str) -> dict[str, Any] | None:
@@ -429,8 +431,8 @@ class VideoJobs:
             self._scripts[name] = self.client.register_script(lua)
 
     def keys(self, job_id: str) -> list[str]:
-        base = self.prefix + job_id
-        return [base, base + ":done", self.job_prefix + job_id, base + ":merge"]
+        base = job_key(self.prefix, job_id)  # the same hash tag as the job's own hash
+        return [base, base + ":done", job_key(self.job_prefix, job_id), base + ":merge"]
 
     def plan(self, job_id: str, total: int, plan: str) -> int:
         """Record that `job_id` has `total` chunks (its plan stored at `plan`). Repeating

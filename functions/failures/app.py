@@ -22,7 +22,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from functions.common import failures
 from functions.common.aws import Adapters, make_tracer
 from functions.video.config import VideoSettings
-from functions.common.sessions import BUSY, S3Checkpoints, SessionStore, VideoJobs
+from functions.common.sessions import BUSY, NOT_YET, S3Checkpoints, SessionStore, VideoJobs
 
 logger = Logger(service="faceflow-failures")
 tracer = make_tracer("faceflow-failures")
@@ -38,7 +38,8 @@ def _video_jobs() -> VideoJobs:
 
 
 class SessionChunkBusy(RuntimeError):
-    """A worker holds the session chunk right now: the record comes back later."""
+    """A worker holds the session chunk right now, or the chunks before it are not settled
+    yet: the record comes back later (skipping it now would lose its place in the session)."""
 
 
 def _sessions() -> SessionStore:
@@ -73,8 +74,8 @@ def _record(record: SQSRecord) -> list[dict]:
         if failure.job_id is None:
             result = {**failure.detail, "status": "failed", "error": failure.reason}
             outcome = _sessions().skip(failure.detail["session_id"], failure.detail["seq"], result, SKIP_LOCK_MS)
-            if outcome == BUSY:
-                raise SessionChunkBusy(f"session chunk {failure.detail['seq']} is held by a worker")
+            if outcome in (BUSY, NOT_YET):
+                raise SessionChunkBusy(f"session chunk {failure.detail['seq']}: {outcome}")
             logger.error("session chunk failed", extra={**extra, "reason": failure.reason, "outcome": outcome})
             metrics.add_metric(name="SessionChunksFailed", unit=MetricUnit.Count, value=1)
             results.append({**extra, "status": outcome})
