@@ -452,13 +452,19 @@ def complete_upload(job_id: str) -> Job:
                                        for p in sorted(parts, key=lambda p: p.part_number) if p.part_number in good]})
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code")
+        if code == "NoSuchUpload" and adapters.jobs.get(job_id)["status"] != QUEUED:
+            # joined already (a retried request S3 had finished, or a concurrent call): the
+            # upload's processing has started
+            metrics.add_metric(name="MultipartUploadsCompleted", unit=MetricUnit.Count, value=1)
+            return job_view(owned_job(job_id))
         if code not in ("InvalidPart", "InvalidPartOrder", "EntityTooSmall", "NoSuchUpload"):
-            adapters.jobs.put(job_id, QUEUED, upload=MULTIPART)  # S3 may succeed on a retry
+            # S3 may succeed on a retry; the status stays what the processing made it
+            adapters.jobs.put(job_id, None, upload=MULTIPART)
             raise
         # S3 will never join these parts: free them now rather than at the lifecycle rule
         if code != "NoSuchUpload":
             adapters.s3.abort_multipart_upload(Bucket=settings.input_bucket, Key=key, UploadId=upload_id)
-        adapters.jobs.put(job_id, FAILED, upload=ABORTED, error=f"S3 refused to join the parts: {code}")
+        adapters.jobs.fail_unless_finished(job_id, f"S3 refused to join the parts: {code}", upload=ABORTED)
         raise ServiceError(409, f"S3 refused to join the parts ({code}); the upload is aborted: create a new job") \
             from None
     metrics.add_metric(name="MultipartUploadsCompleted", unit=MetricUnit.Count, value=1)

@@ -19,6 +19,11 @@ STATUSES = (QUEUED, RUNNING, DONE, FAILED)
 _JSON_FIELDS = ("outputs", "progress", "options")
 
 
+def _encoded(fields: dict[str, Any]) -> dict[str, str]:
+    """Redis hash values: JSON for the structured fields, text for the rest; None left out."""
+    return {k: json.dumps(v) if k in _JSON_FIELDS else str(v) for k, v in fields.items() if v is not None}
+
+
 def job_key(prefix: str, job_id: str) -> str:
     """The job's hash. The id is a hash tag ({...}) so that scripts touching it and the
     video keys of the same job (functions.common.sessions) stay in one slot of a clustered
@@ -48,15 +53,12 @@ class JobStore:
     def _key(self, job_id: str) -> str:
         return job_key(self.prefix, job_id)
 
-    def put(self, job_id: str, status: str, **fields: Any) -> None:
-        if status not in STATUSES:
+    def put(self, job_id: str, status: str | None, **fields: Any) -> None:
+        """Write `fields` (None values skipped) and the status; `status` None leaves it as it is."""
+        if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status}")
         now = str(time.time())
-        record = {"status": status, "updated": now}
-        for name, value in fields.items():
-            if value is None:
-                continue
-            record[name] = json.dumps(value) if name in _JSON_FIELDS else str(value)
+        record = {"updated": now, **({"status": status} if status else {}), **_encoded(fields)}
         key = self._key(job_id)
         pipe = self.client.pipeline()
         pipe.hsetnx(key, "created", now)
@@ -91,8 +93,7 @@ class JobStore:
         """Mark the job failed with `error` unless it is done or failed already. Returns None
         when it was marked, else the status it kept."""
         now = str(time.time())
-        record = {"status": FAILED, "updated": now, "error": error}
-        record.update({k: json.dumps(v) if k in _JSON_FIELDS else str(v) for k, v in fields.items() if v is not None})
+        record = {"status": FAILED, "updated": now, "error": error, **_encoded(fields)}
         args = [self.ttl_s, now, *(item for pair in record.items() for item in pair)]
         kept = self.client.eval(self._FAIL_UNLESS_FINISHED, 1, self._key(job_id), *args)
         return kept or None
