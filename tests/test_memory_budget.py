@@ -182,3 +182,15 @@ def test_to_bgr8_in_bands_equals_the_whole_image_conversion():
     gray = rng.integers(0, 65536, (300, 200), dtype=np.uint16)
     expected = cv2.cvtColor((gray >> 8).astype(np.uint8), cv2.COLOR_GRAY2BGR)
     assert np.array_equal(images.to_bgr8(gray), expected)
+
+
+def test_analysis_is_budgeted_without_the_encoder():
+    """Analysis never encodes: a 24-megapixel AVIF fits in a 1 GB function for analysis even
+    though anonymising it (libaom holds the whole frame) does not."""
+    avif = images.Header("AVIF", 6000, 4000)
+    gigabyte = 1024 * MiB
+    assert images.memory_needed(avif, encoded=False) == 6000 * 4000 * (3 + 16)  # pixels + decoder
+    assert images.memory_needed(avif, encoded=False) < images.pixel_budget(gigabyte) < images.memory_needed(avif)
+    with pytest.raises(images.TooLarge):
+        images.check_memory(avif, gigabyte)
+    images.check_memory(avif, gigabyte, encoded=False)

@@ -90,7 +90,7 @@ class Engine:
         decoded reduced (JPEG by 1/2, 1/4 or 1/8 in the decoder itself) to no less than twice
         that; `memory_bytes`: see images.pixel_budget."""
         reduce = images.reduction_for(images.header(data), 2 * self.detector.max_side)
-        return self.analyze_picture(images.decode(data, reduce, memory_bytes), source, attributes)
+        return self.analyze_picture(images.decode(data, reduce, memory_bytes, encoded=False), source, attributes)
 
     def process_picture(self, picture: images.Picture, operation: Operation) -> list[list[Face]]:
         """Apply `operation` to every frame (one, or each GIF frame) in place; faces per frame."""

@@ -213,7 +213,7 @@ def pixel_budget(memory_bytes: int | None = None) -> int:
     return max(0, int(memory * (1 - MEMORY_MARGIN)) - RESERVED_BYTES)
 
 
-def memory_needed(head: Header, out_format: str | None = None, scale: int = 1) -> int:
+def memory_needed(head: Header, out_format: str | None = None, scale: int = 1, encoded: bool = True) -> int:
     """Peak bytes the still pipeline allocates for this image: the decoded pixels plus the
     largest of what decoding, detection and encoding add beside them.
 
@@ -229,6 +229,7 @@ def memory_needed(head: Header, out_format: str | None = None, scale: int = 1) -
     The per-pixel figures were measured on 12- and 48-megapixel photos (bench/stills.py and
     tests/test_memory_budget.py check them).
     `scale` > 1: a reduced 8-bit BGR decode for detection only (nothing encoded).
+    `encoded` False: the pixels are only looked at (analysis), never encoded.
     """
     area = -(-head.width // scale) * -(-head.height // scale)
     if scale > 1:  # OpenCV decodes a reduced JPEG directly, PNG and WebP at full size first
@@ -244,7 +245,9 @@ def memory_needed(head: Header, out_format: str | None = None, scale: int = 1) -
         decoding = frame
     detection = 0 if (head.channels, head.sample_bytes) == (3, 1) else area * 3
     out = (out_format or head.format).upper()
-    if out == "PNG":
+    if not encoded:
+        encoding = 0
+    elif out == "PNG":
         encoding = 2 * pixels
     elif out == "AVIF":
         encoding = area * (3 + 4 + 30)
@@ -258,9 +261,9 @@ def memory_needed(head: Header, out_format: str | None = None, scale: int = 1) -
 
 
 def check_memory(head: Header, memory_bytes: int | None = None, out_format: str | None = None,
-                 scale: int = 1) -> None:
+                 scale: int = 1, encoded: bool = True) -> None:
     """Refuse, before decoding, an image whose processing would not fit in memory."""
-    need, budget = memory_needed(head, out_format, scale), pixel_budget(memory_bytes)
+    need, budget = memory_needed(head, out_format, scale, encoded), pixel_budget(memory_bytes)
     if need > budget:
         depth = f"{8 * head.sample_bytes}-bit " if head.sample_bytes > 1 else ""
         frames = f", {head.frames} frames" if head.frames > 1 else ""
@@ -284,7 +287,7 @@ _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_RE
 
 
 def decode(data: bytes, reduce: int = 1, memory_bytes: int | None = None,
-           out_format: str | None = None) -> Picture:
+           out_format: str | None = None, encoded: bool = True) -> Picture:
     """Decode an upright picture, refusing first what is invalid or would not fit in
     `memory_bytes` (see pixel_budget) when encoded as `out_format`. `reduce` (2, 4, 8): an 8-bit
     BGR image of 1/reduce the size for detection only (JPEG decodes it directly); formats
@@ -295,7 +298,7 @@ def decode(data: bytes, reduce: int = 1, memory_bytes: int | None = None,
     if head.format == "GIF" or head.format in PIL_FORMATS:
         reduce = 1
     _check_complete(data, head.format)
-    check_memory(head, memory_bytes, out_format, reduce)
+    check_memory(head, memory_bytes, out_format, reduce, encoded)
     fmt, orientation = head.format, head.orientation
     if reduce > 1:
         pixels = _decode_reduced(data, head, reduce)
