@@ -59,15 +59,6 @@ def _import_model_zoo():
     return model_zoo
 
 
-def _session_options(threads: int):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return opts
-
-
 class _InsightfaceFace(dict):
     """insightface's app.common.Face in the small part its models read: a dict whose keys
     read as attributes (`face.bbox`), without importing insightface.app."""
@@ -122,7 +113,7 @@ def load_pack(model_dir: Path | str, providers=None, threads: int = 0) -> Pack:
     pack = Pack(folder)
     chosen = runtime.resolve_providers(providers)
     for path in sorted(folder.glob("*.onnx")):
-        model = model_zoo.get_model(str(path), providers=chosen, sess_options=_session_options(threads))
+        model = model_zoo.get_model(str(path), providers=chosen, sess_options=runtime.session_options(threads))
         task = getattr(model, "taskname", None)
         if isinstance(model, model_zoo.SCRFD) and pack.detector is None:
             pack.detector = model

@@ -33,6 +33,12 @@ def resolve_providers(requested: list[str] | str | None = None) -> list[str]:
 
 def session(path: Path | str, providers: list[str] | str | None = None,
             threads: int = 0) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), sess_options=session_options(threads),
+                                providers=resolve_providers(providers))
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """How faceflow runs every model (its own and an operator's insightface pack)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -41,4 +47,4 @@ def session(path: Path | str, providers: list[str] | str | None = None,
     # Threads that spin while waiting for work take the cores video decoding and encoding
     # (and other processes) need; waiting costs less than the cycles they burn.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=resolve_providers(providers))
+    return opts
