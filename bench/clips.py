@@ -33,9 +33,12 @@ def view(photo: np.ndarray, x0: float, y0: float, scale: float, interpolation=cv
 
 
 def write_clip(path: Path, frames: Iterable[np.ndarray], x264: dict[str, str]) -> int:
-    """Encode BGR frames as H.264 (x264 `options`) with the tone beside them; returns the count."""
+    """Encode BGR frames as H.264 (x264 `options`) with the tone beside them; returns the count.
+    Written under a temporary name and renamed when complete, so an interrupted run leaves no
+    clip that a later run would take for a whole one."""
     count = 0
-    with av.open(str(path), "w") as out:
+    part = path.with_name(f".{path.stem}.part{path.suffix}")
+    with av.open(str(part), "w") as out:
         video = out.add_stream("libx264", rate=FPS)
         video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         video.options = x264
@@ -56,4 +59,5 @@ def write_clip(path: Path, frames: Iterable[np.ndarray], x264: dict[str, str]) -
             count = i + 1
         out.mux(video.encode())
         out.mux(audio.encode())
+    part.replace(path)
     return count

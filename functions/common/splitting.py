@@ -14,8 +14,8 @@ FACEFLOW_CHUNK_QUEUE_URL for the chunk workers (functions.common.videojobs).
 
 A video under the analysis prefix (`analyze/`, an API job with "operation": "analyze") is
 analysed here, whole, and only its JSON report is written (`results/{job_id}/{name}.json`:
-faces per frame, attributes on a sample of each track's faces, one summary per track); the
-GPU endpoint does not analyse, so the routing rules keep analysis on Lambda.
+faces per frame, attributes on a sample of each track's faces, one summary per track), unless
+a routing rule sends it to the GPU endpoint, which analyses too.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def split_handler(event: S3Event, context: LambdaContext) -> dict:
         obj = record.s3.get_object
         if record.s3.bucket.name != runtime.settings.input_bucket or \
                 operation_for_key(unquote_plus(obj["key"])) is None:
-            logger.error("event from outside the input bucket's uploads; ignored")
+            logger.error("event from outside the input bucket's upload prefixes; ignored")
             metrics.add_metric(name="EventsIgnored", unit=MetricUnit.Count, value=1)
             results.append({"status": "ignored"})
             continue

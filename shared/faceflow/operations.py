@@ -3,7 +3,7 @@
 An operation is an object with `apply(bgr, faces) -> bgr` (in place). The video pipeline hands
 it frames in the encoder's YUV layout instead: an operation that can work there has
 `apply_planes(planes, subsampling, faces)` and saves two full-frame colour conversions a
-frame; any other is given BGR (`operations.apply_to_frame`). Masking today; analysis and face
+frame; any other is given BGR (`pipeline.operate`). Masking today; analysis and face
 swap plug in beside it without touching the decode/detect/encode flow.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The video pipeline: decode → detect → track → operate → encode, in one loop (`run`).
 
-    reader = Reader(src, layout_for=...)        # decodes on its own thread
-    writer = Writer(dst, reader, options)       # encodes and muxes on its own thread
-    tally = run(engine, reader, tracker, Mask(), writer, on_frame=report)
+    reader = Reader(segments, layout)                    # decodes on its own thread
+    writer = Writer(dst, layout, encoding, audio_in)     # encodes and muxes on its own thread
+    tally = run(engine, reader, tracker, Mask(), writer, tally)
 
 Every video path calls `run`: a whole file; a chunk of a longer one (a warm-up segment before
 its own frames and a look-ahead segment after them, both tracked, never written); a stream
@@ -149,13 +149,14 @@ class _Worker:
                     return True  # nobody reads any more: the end marker is not needed
 
     def take(self):
-        """The next item, or the end marker once the pipeline stops."""
-        while True:
+        """The next item, or the end marker once the pipeline stops (what is still queued
+        then is dropped: an aborted file is deleted, so encoding it is wasted)."""
+        while not self.stopped.is_set():
             try:
                 return self.queue.get(timeout=0.1)
             except queue.Empty:
-                if self.stopped.is_set():
-                    return self._END
+                pass
+        return self._END
 
     def stop(self) -> None:
         self.stopped.set()

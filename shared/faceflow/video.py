@@ -107,7 +107,7 @@ class Around:
 
     `warmup` (the files before it, in order, `warmup_total` frames in all; counted when
     None) has its last `warmup_frames` frames detected and tracked first, not written, seen
-    by `on_warmup`; `lookahead` (the file after it) has its first `lookahead_frames` frames
+    by `on_warmup`; `lookahead` (the file after it) has its first `options.lookahead` frames
     tracked after the chunk's own, not written. `time_offset` is added to the seconds
     reported; `rate`, `rotation` and `time_base` replace what the file says (chunks of one
     video are encoded alike)."""
