@@ -278,6 +278,13 @@ def test_a_declared_size_over_the_limits_is_a_413(stack):
     assert_error(status, body, 413)
 
 
+def test_a_video_over_the_split_functions_limit_is_refused_before_its_upload(stack):
+    """The split function reads at most MaxVideoBytes (4 GiB by default): a larger video is a
+    413 at job creation, not a failed job after hours of uploading."""
+    status, _, body = stack.request("POST", "/v1/jobs", body={"filename": "long.mp4", "size": 5 * 1024 ** 3})
+    assert "over the limit of 4294967296" in assert_error(status, body, 413)["message"]
+
+
 # -- found by schemathesis ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("content_type", ["multipart/form-data", "multipart/form-data; boundary=x"])

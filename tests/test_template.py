@@ -1023,7 +1023,8 @@ def test_gpu_execution_role_is_least_privilege(template):
             for resource in as_list(st["Resource"]):
                 grants.add((action, sub_string(resource) or json.dumps(resource, sort_keys=True)))
     s3 = {g for g in grants if g[0].startswith("s3:")}
-    assert s3 == {("s3:GetObject", f"{arn}{inp}/{UPLOAD_PREFIX}*"), ("s3:GetObject", f"{arn}{out}/{GPU_REQUESTS}*"),
+    assert s3 == {("s3:GetObject", f"{arn}{inp}/{UPLOAD_PREFIX}*"), ("s3:GetObject", f"{arn}{inp}/{ANALYZE_PREFIX}*"),
+                  ("s3:GetObject", f"{arn}{out}/{GPU_REQUESTS}*"),
                   ("s3:PutObject", f"{arn}{out}/{RESULT_PREFIX}*"),
                   ("s3:AbortMultipartUpload", f"{arn}{out}/{RESULT_PREFIX}*")}
     sns = {g for g in grants if g[0].startswith("sns:")}

@@ -56,6 +56,7 @@ from pydantic import BaseModel, Field
 from faceflow import media
 from functions.common.aws import Adapters, make_tracer, result_keys
 from functions.common.jobs import DONE, FAILED, QUEUED, new_job_id
+from functions.video.config import VideoSettings
 from functions.common.settings import UPLOAD_CONTENT_TYPES as PHOTO_CONTENT_TYPES
 from functions.common.settings import ANALYZE, ANALYZE_PREFIX, ANONYMIZE, UPLOAD_PREFIX
 
@@ -79,6 +80,7 @@ metrics = Metrics(namespace="faceflow", service="faceflow-api")
 app = APIGatewayHttpResolver(enable_validation=True, json_body_deserializer=parse_json_body)
 
 adapters = Adapters()
+video_settings = VideoSettings.from_env()  # the split function's limits, checked before an upload
 _engine = None
 
 
@@ -335,6 +337,8 @@ def create_job(request: JobRequest) -> JobCreated:
     size = request.size
     if size is not None and not is_video and size > settings.max_upload_bytes:
         raise ServiceError(413, f"a photo of {size} bytes is over the limit of {settings.max_upload_bytes}")
+    if size is not None and is_video and size > video_settings.max_video_bytes:
+        raise ServiceError(413, f"a video of {size} bytes is over the limit of {video_settings.max_video_bytes}")
     if size is not None and size > MAX_MULTIPART_BYTES:
         raise ServiceError(413, f"{size} bytes is over the limit of {MAX_MULTIPART_BYTES}")
     job_id = new_job_id()

@@ -7,7 +7,7 @@
 | FACEFLOW_SESSION_TTL_S | how long an idle stream session lives in Redis (its S3 checkpoints outlive it) | 86400 |
 | FACEFLOW_NOT_READY_DELAY_S | a session chunk that came too early (SQS) is retried after this, doubling per receive, at most 30 s | 2 |
 | FACEFLOW_LOCK_MARGIN_MS | a chunk's lock lives for the invocation's remaining time plus this | 10000 |
-| FACEFLOW_MAX_VIDEO_BYTES | largest whole video the split function reads | 4294967296 (4 GiB) |
+| FACEFLOW_MAX_VIDEO_BYTES | largest whole video the split function reads (the API refuses larger jobs) | 4294967296 (4 GiB) |
 | FACEFLOW_GPU_ENDPOINT | SageMaker async endpoint that whole videos routed to "gpu" are submitted to (functions.common.gpu) | unset: every video stays on Lambda |
 | FACEFLOW_ROUTING_FILE | the routing rules (faceflow.routing) | the shipped layers/routing.json |
 """
