@@ -25,6 +25,7 @@ import cv2  # noqa: E402
 
 import devstack  # noqa: E402
 from devstack import Stack  # noqa: E402
+from stack_client import job_record as get_job, wait_for_job  # noqa: E402
 
 MAX_UPLOAD = 400_000  # FACEFLOW_MAX_UPLOAD_BYTES of the stack's functions: small, to test the limit
 JOB_KEYS = "faceflow:job:*"
@@ -90,20 +91,8 @@ def output_keys(stack, prefix: str = "") -> list[str]:
     return sorted(o["Key"] for o in listing.get("Contents", []))
 
 
-def get_job(stack, job_id: str) -> dict:
-    status, _, body = stack.request("GET", f"/v1/jobs/{job_id}")
-    assert status == 200, body
-    return json.loads(body)
-
-
 def wait_job(stack, job_id: str, statuses=("done", "failed"), timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = get_job(stack, job_id)
-        if job["status"] in statuses:
-            return job
-        assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout}s"
-        time.sleep(0.2)
+    return wait_for_job(stack, job_id, timeout=timeout, until=statuses)
 
 
 def metric_total(stack, function: str, name: str) -> float:
