@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import traceback
+from pathlib import Path
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Annotated, Any, Literal, Optional, Union
@@ -629,6 +630,40 @@ def anonymize(method: Annotated[Literal["blur", "pixelate", "solid"], Query()] =
     metrics.add_metric(name="FacesFound", unit=MetricUnit.Count, value=faces)
     return Response(status_code=200, content_type=CONTENT_TYPES[result.format], body=result.data,
                     headers={"X-Faceflow-Faces": str(faces)})
+
+
+# -- the page ---------------------------------------------------------------------------------
+
+# The page's files (index.html, app.js, app.css), served by the API itself: the same origin as
+# the routes it calls, and nothing fetched from anywhere else.
+PAGE_DIR = Path(media.__file__).resolve().parent / "web" / "static"
+PAGE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+              ".css": "text/css; charset=utf-8"}
+PAGE_FILE = r"^[a-z]{1,20}\.(html|js|css)$"
+# Scripts and styles from the page's own origin only; images, video and the JSON report come
+# from presigned storage URLs (another origin) or the browser's own blob: URLs.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data: https: http:; "
+                                           "media-src 'self' blob: https: http:; connect-src 'self' https: http:; "
+                                           "object-src 'none'; base-uri 'self'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+def page_file(name: str) -> Response:
+    path = PAGE_DIR / name
+    if not re.match(PAGE_FILE, name) or not path.is_file():
+        raise NotFoundError(f"no page file {name[:100]}")
+    return Response(status_code=200, content_type=PAGE_TYPES[path.suffix], body=path.read_text(),
+                    headers=PAGE_HEADERS)
+
+
+@app.get("/", operation_id="page", include_in_schema=False)
+def page():
+    return page_file("index.html")
+
+
+@app.get("/static/<name>", operation_id="pageFile", include_in_schema=False)
+def page_static(name: str):
+    return page_file(name)
 
 
 # -- the OpenAPI document --------------------------------------------------------------------
