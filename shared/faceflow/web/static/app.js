@@ -106,6 +106,8 @@ async function capabilities() {
   const jobs = post("/v1/jobs");
   state.capabilities = {
     anonymizeParams: params(anonymize),
+    // rendering a reviewed photo: an edited report (faceflow.review's format) or its faces
+    anonymizeReport: formFields(anonymize).has("report"),
     anonymizeFaces: formFields(anonymize).has("faces"),
     swap: Boolean(swap),
     swapFields: formFields(swap),
@@ -274,17 +276,18 @@ async function runPhoto() {
 }
 
 async function renderPhoto(edited) {
-  // With review support the API masks exactly the faces shown (nothing detected again);
-  // without it, it detects again (the same detector: the same faces).
+  // The first render is the API's own (detect, mask, check the masks); a reviewed one masks
+  // exactly the faces of the edited report, detecting nothing again.
   const caps = state.capabilities;
   const masked = state.faces.filter((f) => f.review === "mask").map((f) => f.face);
-  if (edited && !caps.anonymizeFaces) {
-    throw new Error("This server cannot render given faces yet (its /v1/anonymize takes no faces). "
-      + "Download the edited JSON and render it with `faceflow anonymize --from-report`.");
+  if (edited && !caps.anonymizeReport && !caps.anonymizeFaces) {
+    throw new Error("This server cannot render given faces yet (its /v1/anonymize takes no report). "
+      + "Download the edited JSON and render it with `faceflow anonymize PHOTO --from-report edited.json`.");
   }
   say(edited ? "Rendering the reviewed faces\u2026" : "Masking the faces\u2026");
   const fields = { file: state.file };
-  if (caps.anonymizeFaces) fields.faces = JSON.stringify(masked);
+  if (edited && caps.anonymizeReport) fields.report = JSON.stringify(editedPhotoReport());
+  else if (edited) fields.faces = JSON.stringify(editedPhotoReport().faces);
   const response = await call("POST", "v1/anonymize", { body: form(fields), query: maskQuery() });
   const blob = await response.blob();
   const count = response.headers.get("X-Faceflow-Faces");
@@ -453,6 +456,7 @@ function resetResults() {
   $("original-boxes").replaceChildren();
   $("result-boxes").replaceChildren();
   $("face-count").textContent = "";
+  $("faces-title").hidden = false;
   showProgress(null);
   for (const el of document.querySelectorAll(".video-only")) el.hidden = true;
 }
@@ -537,24 +541,21 @@ function annotatedDownload() {
   }, "image/png");
 }
 
+function editedPhotoReport() {
+  // faceflow.review's format: a removed face is absent, an exempt one has "exempt": true, one
+  // drawn by hand "source": "manual"; width and height say which image the boxes are in.
+  const faces = state.faces.filter((f) => f.review !== "removed")
+    .map((f) => (f.review === "exempt" ? { ...f.face, exempt: true } : f.face));
+  return { ...state.report, faces };
+}
+
 function setReportDownload() {
-  const report = { ...state.report, faces: state.faces.filter((f) => f.review !== "removed").map((f) => f.face) };
-  const edits = reviewEdits();
-  if (edits) report.review = edits;
+  const report = editedPhotoReport();
   const link = $("download-report");
   if (link.href.startsWith("blob:")) URL.revokeObjectURL(link.href);
   link.href = URL.createObjectURL(new Blob([JSON.stringify(report, null, 2)], { type: "application/json" }));
   link.download = `${stem(state.file.name)}.json`;
   link.hidden = false;
-}
-
-function reviewEdits() {
-  // What a person changed, kept in the report beside the faces it renders.
-  const removed = state.faces.filter((f) => f.review === "removed" && !f.added).map((f) => f.face.box);
-  const exempt = state.faces.filter((f) => f.review === "exempt").map((f) => f.face.box);
-  const added = state.faces.filter((f) => f.added && f.review !== "removed").map((f) => f.face.box);
-  if (!removed.length && !exempt.length && !added.length) return null;
-  return { removed, exempt, added };
 }
 
 function countText(n) {
@@ -579,18 +580,22 @@ function describe(face) {
   if (face.score !== undefined) items.push(["score", Number(face.score).toFixed(2)]);
   for (const [key, value] of Object.entries(face)) {
     if (skip.has(key) || key === "score") continue;
-    items.push([key, plain(value)]);
+    items.push([key.replace(/_/g, " "), plain(value)]);
   }
   return items;
 }
 
 function plain(value) {
+  // {"value": 27.6, "low": 24, "high": 29} reads "27.6 (low 24, high 29)"; names lose their "_"
   if (value === null || value === undefined) return "\u2014";
-  if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(2);
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (typeof value === "number") return Number.isInteger(value) ? String(value) : String(Math.round(value * 100) / 100);
   if (Array.isArray(value)) return value.map(plain).join(", ");
   if (typeof value === "object") {
-    return Object.entries(value).filter(([, v]) => typeof v !== "object" || v === null)
-      .map(([k, v]) => `${k} ${plain(v)}`).join(", ");
+    const rest = Object.entries(value).filter(([k, v]) => k !== "value" && (typeof v !== "object" || v === null))
+      .map(([k, v]) => `${k.replace(/_/g, " ")} ${plain(v)}`).join(", ");
+    if (!("value" in value)) return rest;
+    return rest ? `${plain(value.value)} (${rest})` : plain(value.value);
   }
   return String(value);
 }
@@ -670,9 +675,9 @@ function drawBoxes() {
       const label = document.createElementNS(SVG, "text");
       label.setAttribute("x", x + stroke);
       label.setAttribute("y", Math.max(y - stroke * 2, state.size[1] / 40));
-      label.setAttribute("font-size", Math.max(12, state.size[0] / 45));
+      label.setAttribute("font-size", Math.max(14, state.size[0] / 40));
       label.setAttribute("class", "label");
-      const extra = state.operation === "analyze" ? ` ${faceLabel(entry.face)}` : "";
+      const extra = state.operation === "analyze" && id === "result-boxes" ? ` ${faceLabel(entry.face)}` : "";
       label.textContent = `${i + 1}${extra}`;
       svg.append(label);
     });
@@ -731,14 +736,14 @@ function addBox(box) {
   setDrawing(false);
   if (state.kind === "video") {
     const video = $("original-video");
-    const fps = (state.report.summary || state.report).fps || 25;
+    const fps = fpsOf(state.report);
     const frame = Math.round(video.currentTime * fps);
     state.added.push({ frame, time: video.currentTime, box });
     showTracks();
     say(`Box added on frame ${frame}. Press \u201cRender again\u201d to apply.`);
     return;
   }
-  state.faces.push({ face: { box, score: 1, landmarks: null, source: "manual" }, review: "mask", added: true });
+  state.faces.push({ face: { box, source: "manual" }, review: "mask", added: true });
   edited(`Face ${state.faces.length} added.`);
 }
 
@@ -750,14 +755,14 @@ function addBoxByNumbers() {
   }
   clearError();
   if (state.kind === "video") {
-    const fps = (state.report.summary || state.report).fps || 25;
+    const fps = fpsOf(state.report);
     const frame = Math.max(0, Math.round(Number($("box-frame").value) || 0));
     state.added.push({ frame, time: frame / fps, box: numbers });
     showTracks();
     say(`Box added on frame ${frame}. Press \u201cRender again\u201d to apply.`);
     return;
   }
-  state.faces.push({ face: { box: numbers, score: 1, landmarks: null, source: "manual" }, review: "mask", added: true });
+  state.faces.push({ face: { box: numbers, source: "manual" }, review: "mask", added: true });
   edited(`Face ${state.faces.length} added.`);
 }
 
@@ -788,7 +793,7 @@ function showOriginalVideo() {
   $("review").hidden = state.operation !== "anonymize";
   for (const el of document.querySelectorAll(".video-only")) el.hidden = false;
   video.ontimeupdate = () => {
-    const fps = (state.report.summary || state.report).fps || 25;
+    const fps = fpsOf(state.report);
     $("frame-number").textContent = String(Math.round(video.currentTime * fps));
     $("box-frame").value = Math.round(video.currentTime * fps);
   };
@@ -807,15 +812,22 @@ function showResultVideo(url) {
   link.hidden = false;
 }
 
+function fpsOf(report) {
+  return report.fps || (report.summary || {}).fps || 25;
+}
+
 function collectTracks(report) {
-  const tracks = new Map();
+  // A video report lists its tracks (first and last frame, frames covered and, when anonymised,
+  // the frame and box of its best face for a thumbnail; an analysis adds age and gender); the
+  // faces per frame fill in what a list lacks.
+  const seen = new Map();
   for (const frame of report.frames || []) {
     for (const face of frame.faces || []) {
       if (face.track === undefined || face.track === null) continue;
-      let track = tracks.get(face.track);
+      let track = seen.get(face.track);
       if (!track) {
-        track = { track: face.track, first: frame.frame, last: frame.frame, frames: 0, thumb: null, review: "mask" };
-        tracks.set(face.track, track);
+        track = { track: face.track, first: frame.frame, last: frame.frame, frames: 0, thumb: null };
+        seen.set(face.track, track);
       }
       track.first = Math.min(track.first, frame.frame);
       track.last = Math.max(track.last, frame.frame);
@@ -826,8 +838,21 @@ function collectTracks(report) {
       }
     }
   }
-  const summaries = new Map((Array.isArray(report.tracks) ? report.tracks : []).map((t) => [t.track, t]));
-  state.tracks = [...tracks.values()].sort((a, b) => a.track - b.track).map((t) => ({ ...t, summary: summaries.get(t.track) }));
+  const times = new Map((report.frames || []).map((f) => [f.frame, f.time]));
+  const listed = new Map((Array.isArray(report.tracks) ? report.tracks : []).map((t) => [t.track, t]));
+  const ids = [...new Set([...seen.keys(), ...listed.keys()])].sort((a, b) => a - b);
+  state.tracks = ids.map((id) => {
+    const found = seen.get(id) || { track: id, first: 0, last: 0, frames: 0, thumb: null };
+    const entry = listed.get(id) || { track: id, first_frame: found.first, last_frame: found.last, frames: found.frames };
+    const thumb = entry.thumbnail
+      ? { ...entry.thumbnail, time: times.get(entry.thumbnail.frame) ?? entry.thumbnail.frame / fpsOf(report) }
+      : found.thumb;
+    return {
+      track: id, first: entry.first_frame ?? found.first, last: entry.last_frame ?? found.last,
+      frames: entry.frames ?? found.frames, thumb, entry, summary: entry.age || entry.gender ? entry : null,
+      review: entry.dropped ? "removed" : entry.exempt ? "exempt" : "mask",
+    };
+  });
 }
 
 function showTracks() {
@@ -835,6 +860,7 @@ function showTracks() {
   list.replaceChildren();
   $("tracks").hidden = $("tracks-title").hidden = false;
   $("faces").replaceChildren();
+  $("faces-title").hidden = true;
   for (const track of state.tracks) {
     const item = document.createElement("li");
     item.className = `track ${track.review}`;
@@ -849,7 +875,7 @@ function showTracks() {
     title.textContent = `Track ${track.track}` + (track.review === "removed" ? " \u2014 dropped"
       : track.review === "exempt" ? " \u2014 exempt, not masked" : "");
     const range = document.createElement("p");
-    range.textContent = `frames ${track.first}\u2013${track.last} (${track.frames} with a box)`
+    range.textContent = `frames ${track.first}\u2013${track.last} (${track.frames} covered)`
       + (track.summary ? `; ${plain({ age: (track.summary.age || {}).bucket, gender: (track.summary.gender || {}).value })}` : "");
     text.append(title, range);
     item.append(canvas, text);
@@ -927,28 +953,25 @@ function settle(element, eventName) {
 }
 
 function editedVideoReport() {
-  // The report with what review changed: faces of dropped or exempt tracks taken out (kept
-  // under `review` for the record), each added box on its frame as a new track to follow.
-  const skip = new Set(state.tracks.filter((t) => t.review !== "mask").map((t) => t.track));
-  let next = state.tracks.reduce((m, t) => Math.max(m, t.track), 0);
-  const added = new Map();
-  for (const box of state.added) {
-    next += 1;
-    added.set(box.frame, [...(added.get(box.frame) || []),
-      { box: box.box, score: 1, landmarks: null, track: next, source: "manual" }]);
-  }
-  const frames = (state.report.frames || []).map((frame) => ({
-    ...frame,
-    faces: [...(frame.faces || []).filter((f) => !skip.has(f.track)), ...(added.get(frame.frame) || [])],
-  }));
+  // faceflow.review's format: the frames as written; per track "dropped": true (not a face)
+  // or "exempt": true (left unmasked); each box drawn by hand under `manual` with its frame,
+  // followed from there by the renderer.
+  const summary = state.report.summary || {};
+  const tracks = state.tracks.map((t) => {
+    const entry = { ...t.entry };
+    delete entry.dropped;
+    delete entry.exempt;
+    if (t.review === "removed") entry.dropped = true;
+    if (t.review === "exempt") entry.exempt = true;
+    return entry;
+  });
   return {
     ...state.report,
-    frames,
-    review: {
-      dropped: state.tracks.filter((t) => t.review === "removed").map((t) => t.track),
-      exempt: state.tracks.filter((t) => t.review === "exempt").map((t) => t.track),
-      added: state.added.map((a) => ({ frame: a.frame, box: a.box })),
-    },
+    width: state.report.width ?? summary.width,
+    height: state.report.height ?? summary.height,
+    fps: fpsOf(state.report),
+    tracks,
+    manual: state.added.map((a) => ({ frame: a.frame, box: a.box })),
   };
 }
 
