@@ -112,6 +112,7 @@ async function capabilities() {
     swap: Boolean(swap),
     swapFields: formFields(swap),
     jobReport: jsonFields(jobs).has("report"),
+    swapJobs: jsonFields(jobs).has("source_filename"),
   };
   offerWhatTheServerDoes(state.capabilities);
   return state.capabilities;
@@ -300,8 +301,8 @@ async function renderPhoto(edited) {
 async function renderSwap() {
   say("Swapping faces\u2026");
   const caps = state.capabilities;
-  const sourceField = caps.swapFields.has("source") ? "source" : "source_image";
-  const response = await call("POST", "v1/swap", { body: form({ file: state.file, [sourceField]: $("source").files[0] }) });
+  const targetField = caps.swapFields.has("target") ? "target" : "file";
+  const response = await call("POST", "v1/swap", { body: form({ [targetField]: state.file, source: $("source").files[0] }) });
   const blob = await response.blob();
   showResultImage(URL.createObjectURL(blob), resultName(blob.type));
   showFaces();
@@ -310,8 +311,8 @@ async function renderSwap() {
 
 async function runPhotoJob() {
   // A photo over the direct routes' limit: upload it to storage and let a job do it.
-  const operation = state.operation === "analyze" ? "analyze" : "anonymize";
-  if (state.operation === "swap") throw new Error("This photo is too large to swap directly.");
+  const operation = state.operation;
+  if (operation === "swap" && !state.capabilities.swapJobs) throw new Error("This photo is too large to swap directly.");
   const { links } = await runJob(operation);
   const report = await fetchReport(links.report_url);
   state.report = report;
@@ -322,14 +323,15 @@ async function runPhotoJob() {
     showAnalysis();
   } else {
     showResultImage(links.image_url, null);
+    $("review").hidden = operation !== "anonymize";
     showFaces();
   }
   say(`Done: ${countText(state.faces.length)} found.`);
 }
 
 async function runVideo() {
-  const operation = state.operation === "analyze" ? "analyze" : "anonymize";
-  if (state.operation === "swap") throw new Error("Swap a video through a swap job (this server has none).");
+  const operation = state.operation;
+  if (operation === "swap" && !state.capabilities.swapJobs) throw new Error("This server has no swap jobs for videos.");
   const { links } = await runJob(operation);
   say("Reading the report\u2026");
   const report = await fetchReport(links.report_url);
@@ -356,11 +358,20 @@ function countFrameFaces(report) {
 async function runJob(operation) {
   const file = state.file;
   say(`Creating a job for ${file.name}\u2026`);
-  const job = await callJson("POST", "v1/jobs", { filename: uploadName(file.name), size: file.size, operation });
+  const request = { filename: uploadName(file.name), size: file.size, operation };
+  const source = operation === "swap" ? $("source").files[0] : null;
+  if (source) request.source_filename = uploadName(source.name);
+  const job = await callJson("POST", "v1/jobs", request);
   await upload(job.upload, file);
-  if (job.upload.complete_url) {
+  if (source && job.source_upload) {
+    say("Uploading the source face\u2026");
+    await put(job.source_upload.url, source, job.source_upload.headers, () => {});
+  }
+  // a multipart upload, or a job of two uploads, starts when told
+  const complete = job.complete_url || job.upload.complete_url;
+  if (complete) {
     say("Starting the job\u2026");
-    await callJson("POST", job.upload.complete_url);
+    await callJson("POST", complete);
   }
   const done = await poll(job.job_id);
   const links = await callJson("GET", `v1/jobs/${job.job_id}/result`);
@@ -801,14 +812,14 @@ function showOriginalVideo() {
 
 function showResultVideo(url) {
   const video = $("result-video");
-  $("result-caption").textContent = url ? "Anonymised" : "Analysed (report only)";
+  $("result-caption").textContent = !url ? "Analysed (report only)" : state.operation === "swap" ? "Swapped" : "Anonymised";
   if (!url) return;
   state.resultUrl = url;
   video.hidden = false;
   video.src = url;
   const link = $("download-result");
   link.href = url;
-  link.download = `${stem(state.file.name)}-anonymized.mp4`;
+  link.download = `${stem(state.file.name)}-${state.operation}.mp4`;
   link.hidden = false;
 }
 
