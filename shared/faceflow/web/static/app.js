@@ -344,6 +344,7 @@ async function runVideo() {
   $("download-report").hidden = false;
   collectTracks(report);
   showTracks();
+  drawBoxes();
   const summary = report.summary || {};
   const faces = summary.faces !== undefined ? summary.faces : countFrameFaces(report);
   $("face-count").textContent = `${countText(faces)} in ${summary.frames ?? (report.frames || []).length} frames, `
@@ -668,15 +669,34 @@ function edited(message) {
   say(`${message} Press \u201cRender again\u201d to apply.`);
 }
 
+function shownEntries() {
+  // A photo's faces; on a video, the faces of the original's current frame (their track's
+  // review state) and the boxes added on it.
+  if (state.kind !== "video") return state.faces.map((entry, i) => ({ ...entry, label: String(i + 1) }));
+  if (!state.report) return [];
+  const frames = state.report.frames || [];
+  const frame = frameAt($("original-video").currentTime);
+  const found = frames[frame] && frames[frame].frame === frame ? frames[frame] : frames.find((f) => f.frame === frame);
+  const reviews = new Map(state.tracks.map((t) => [t.track, t.review]));
+  return [
+    ...((found && found.faces) || []).map((face) => ({
+      face, review: reviews.get(face.track) || "mask", added: false, label: `T${face.track ?? ""}` })),
+    ...state.added.filter((a) => a.frame === frame).map((a) => ({
+      face: { box: a.box }, review: "mask", added: true, label: "+" })),
+  ];
+}
+
 function drawBoxes() {
   if (!state.size) return;
-  for (const id of ["original-boxes", "result-boxes"]) {
+  const entries = shownEntries();
+  // a result video plays on its own clock: boxes only over the original
+  for (const id of state.kind === "video" ? ["original-boxes"] : ["original-boxes", "result-boxes"]) {
     const svg = $(id);
     svg.setAttribute("viewBox", `0 0 ${state.size[0]} ${state.size[1]}`);
     svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
     svg.replaceChildren();
     const stroke = Math.max(2, state.size[0] / 300);
-    state.faces.forEach((entry, i) => {
+    entries.forEach((entry) => {
       if (entry.review === "removed") return;
       const [x, y, w, h] = entry.face.box;
       const rect = document.createElementNS(SVG, "rect");
@@ -689,7 +709,7 @@ function drawBoxes() {
       label.setAttribute("font-size", Math.max(14, state.size[0] / 40));
       label.setAttribute("class", "label");
       const extra = state.operation === "analyze" && id === "result-boxes" ? ` ${faceLabel(entry.face)}` : "";
-      label.textContent = `${i + 1}${extra}`;
+      label.textContent = `${entry.label}${extra}`;
       svg.append(label);
     });
   }
@@ -747,10 +767,10 @@ function addBox(box) {
   setDrawing(false);
   if (state.kind === "video") {
     const video = $("original-video");
-    const fps = fpsOf(state.report);
-    const frame = Math.round(video.currentTime * fps);
+    const frame = frameAt(video.currentTime);
     state.added.push({ frame, time: video.currentTime, box });
     showTracks();
+    drawBoxes();
     say(`Box added on frame ${frame}. Press \u201cRender again\u201d to apply.`);
     return;
   }
@@ -766,10 +786,10 @@ function addBoxByNumbers() {
   }
   clearError();
   if (state.kind === "video") {
-    const fps = fpsOf(state.report);
     const frame = Math.max(0, Math.round(Number($("box-frame").value) || 0));
-    state.added.push({ frame, time: frame / fps, box: numbers });
+    state.added.push({ frame, time: timeOf(frame), box: numbers });
     showTracks();
+    drawBoxes();
     say(`Box added on frame ${frame}. Press \u201cRender again\u201d to apply.`);
     return;
   }
@@ -797,16 +817,20 @@ function showOriginalVideo() {
   const video = $("original-video");
   video.hidden = false;
   video.src = state.originalUrl;
-  video.onloadedmetadata = () => { state.size = [video.videoWidth, video.videoHeight]; };
+  video.onloadedmetadata = () => {
+    if (!state.size) state.size = [video.videoWidth, video.videoHeight];
+    drawBoxes();
+  };
+  video.onseeked = drawBoxes;
   const summary = state.report.summary || {};
   if (summary.width && summary.height) state.size = [summary.width, summary.height];
   else if (state.report.width) state.size = [state.report.width, state.report.height];
   $("review").hidden = state.operation !== "anonymize";
   for (const el of document.querySelectorAll(".video-only")) el.hidden = false;
   video.ontimeupdate = () => {
-    const fps = fpsOf(state.report);
-    $("frame-number").textContent = String(Math.round(video.currentTime * fps));
-    $("box-frame").value = Math.round(video.currentTime * fps);
+    $("frame-number").textContent = String(frameAt(video.currentTime));
+    $("box-frame").value = frameAt(video.currentTime);
+    drawBoxes();
   };
 }
 
@@ -825,6 +849,25 @@ function showResultVideo(url) {
 
 function fpsOf(report) {
   return report.fps || (report.summary || {}).fps || 25;
+}
+
+function frameAt(seconds) {
+  // The report's frame shown at `seconds` (each frame has its time; a report of joined chunks
+  // gives no frame rate)
+  const frames = state.report.frames || [];
+  if (!frames.length || frames[0].time === undefined) return Math.round(seconds * fpsOf(state.report));
+  let lo = 0;
+  let hi = frames.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (frames[mid].time <= seconds + 1e-3) lo = mid; else hi = mid - 1;
+  }
+  return frames[lo].frame;
+}
+
+function timeOf(frame) {
+  const found = (state.report.frames || []).find((f) => f.frame === frame);
+  return found && found.time !== undefined ? found.time : frame / fpsOf(state.report);
 }
 
 function collectTracks(report) {
@@ -913,6 +956,7 @@ function trackControls(track) {
   exempt.addEventListener("click", () => {
     track.review = track.review === "exempt" ? "mask" : "exempt";
     showTracks();
+    drawBoxes();
     say(`Track ${track.track} ${track.review === "exempt" ? "exempt" : "masked again"}. Press \u201cRender again\u201d to apply.`);
   });
   const drop = document.createElement("button");
@@ -921,6 +965,7 @@ function trackControls(track) {
   drop.addEventListener("click", () => {
     track.review = track.review === "removed" ? "mask" : "removed";
     showTracks();
+    drawBoxes();
     say(`Track ${track.track} ${track.review === "removed" ? "dropped" : "restored"}. Press \u201cRender again\u201d to apply.`);
   });
   controls.append(exempt, drop);
@@ -978,9 +1023,8 @@ function editedVideoReport() {
   });
   return {
     ...state.report,
-    width: state.report.width ?? summary.width,
-    height: state.report.height ?? summary.height,
-    fps: fpsOf(state.report),
+    width: state.report.width ?? summary.width ?? state.size[0],
+    height: state.report.height ?? summary.height ?? state.size[1],
     tracks,
     manual: state.added.map((a) => ({ frame: a.frame, box: a.box })),
   };
