@@ -1,8 +1,9 @@
 """The page (`GET /`) in a real browser: Debian's chromium, driven headless through its
-chromedriver by selenium, against the deployed API's stand-in (devstack: the api function
-behind the HTTP API with JWT auth, presigned uploads to moto's S3 on another port, the video
-functions). A person's steps: type the token, pick a real photo, run, look at the count and
-the result; review (add a missed face, render again); a short video job to done.
+chromedriver by selenium, against both servers of the page: the deployed API's stand-in
+(devstack: the api function behind the HTTP API with JWT auth, presigned uploads to moto's S3
+on another port, the video functions) and `faceflow serve` (one local process). A person's
+steps: type the token, pick a real photo, run, look at the count and the result; review (add a
+missed face, render again); a short video job to done.
 
 Screenshots at 1280x800 and at a phone's 390x844 go to $FACEFLOW_PAGE_SCREENSHOTS, or to
 pytest's temporary folder (printed), never into the repository.
@@ -16,6 +17,8 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+import urllib.request
 
 import pytest
 
@@ -49,6 +52,11 @@ from devstack import Stack  # noqa: E402
 from devstack.http_api import make_jwt  # noqa: E402
 from stack_client import panning_clip  # noqa: E402
 
+try:  # `faceflow serve` as the tests run it (with the serve extra)
+    from serve_process import ServeProcess  # noqa: E402
+except ImportError:
+    ServeProcess = None
+
 PHOTO = ("images", "pyfeat_multi_face.jpg")   # 5 faces by eye
 DESKTOP = (1280, 800)
 PHONE = (390, 844)
@@ -63,6 +71,31 @@ def stack(tmp_path_factory, model_dir):
     with Stack(functions=("api", "split", "chunk-worker", "failures"), gpu=False, api_auth="jwt",
                function_env=env, workdir=tmp_path_factory.mktemp("page-stack")) as running:
         yield running
+
+
+class Site:
+    """Where the page is served: its URL, and the token the page needs there (None: no auth)."""
+
+    def __init__(self, name: str, url: str, token: str | None):
+        self.name, self.url, self.token = name, url, token
+
+    def document(self) -> dict:
+        request = urllib.request.Request(f"{self.url}/v1/openapi.json",
+                                         headers={"Authorization": f"Bearer {self.token}"} if self.token else {})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture(scope="module", params=["deployed", "serve"])
+def site(request, tmp_path_factory, model_dir):
+    if request.param == "deployed":
+        stack = request.getfixturevalue("stack")
+        yield Site("deployed", stack.api_url, make_jwt(USER))
+        return
+    if ServeProcess is None:
+        pytest.skip("`faceflow serve` is not in this checkout (tests/serve_process.py)")
+    with ServeProcess(tmp_path_factory.mktemp("page-serve"), env={"FACEFLOW_MODEL_DIR": str(model_dir)}) as server:
+        yield Site("serve", server.url, None)
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +144,12 @@ def screenshot(driver, folder: Path, name: str, size: tuple[int, int]) -> Path:
     return path
 
 
-def open_page(driver, stack, token: bool = True) -> None:
-    driver.get(stack.api_url + "/")
+def open_page(driver, url: str, token: str | None = None) -> None:
+    driver.get(url + "/")
     WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
     if token:
         driver.find_element(By.CSS_SELECTOR, "#access summary").click()
-        driver.find_element(By.ID, "token").send_keys(make_jwt(USER), Keys.TAB)
+        driver.find_element(By.ID, "token").send_keys(token, Keys.TAB)
 
 
 def choose(driver, path: Path, operation: str = "anonymize") -> None:
@@ -207,16 +240,16 @@ def test_template_cors_rules_are_applied_to_the_buckets(stack):
 
 
 def test_without_a_token_the_page_says_what_to_do(stack, browser):
-    open_page(browser, stack, token=False)
+    open_page(browser, stack.api_url)
     choose(browser, data_path(*PHOTO))
     status = run(browser)
     assert status.startswith("ERROR") and "Unauthorized" in status and "bearer token" in status, status
 
 
-def test_an_unreadable_photo_gets_the_apis_message(stack, browser, tmp_path):
+def test_an_unreadable_photo_gets_the_apis_message(site, browser, tmp_path):
     bad = tmp_path / "not-a-photo.jpg"
     bad.write_bytes(b"this is text, not a JPEG\n" * 20)
-    open_page(browser, stack)
+    open_page(browser, site.url, site.token)
     choose(browser, bad)
     status = run(browser)
     assert status.startswith("ERROR"), status
@@ -224,12 +257,12 @@ def test_an_unreadable_photo_gets_the_apis_message(stack, browser, tmp_path):
     assert message and "Internal" not in message and "400" not in message, message  # the Error's message
 
 
-def test_a_photo_is_anonymised_and_reviewed_in_the_browser(stack, browser, shots, engine):
+def test_a_photo_is_anonymised_and_reviewed_in_the_browser(site, browser, shots, engine):
     photo = data_path(*PHOTO)
     expected = len(engine.analyze_bytes(photo.read_bytes())["faces"])
-    open_page(browser, stack)
+    open_page(browser, site.url, site.token)
     choose(browser, photo)
-    screenshot(browser, shots, "start", DESKTOP)
+    screenshot(browser, shots, f"{site.name}-start", DESKTOP)
     status = run(browser)
     assert status.startswith("Done"), status
     count = browser.find_element(By.ID, "face-count").text
@@ -243,8 +276,8 @@ def test_a_photo_is_anonymised_and_reviewed_in_the_browser(stack, browser, shots
     assert browser.find_element(By.ID, "download-result").get_attribute("href").startswith("blob:")
     assert browser.find_element(By.ID, "download-report").is_displayed()
     assert no_horizontal_scroll(browser)
-    screenshot(browser, shots, "photo-anonymised", DESKTOP)
-    screenshot(browser, shots, "photo-anonymised", PHONE)
+    screenshot(browser, shots, f"{site.name}-photo-anonymised", DESKTOP)
+    screenshot(browser, shots, f"{site.name}-photo-anonymised", PHONE)
 
     # Review: a box over a "missed" face, in a corner no detected face covers; drawn by dragging.
     width, height = browser.execute_script(
@@ -261,9 +294,9 @@ def test_a_photo_is_anonymised_and_reviewed_in_the_browser(stack, browser, shots
     browser.find_element(By.XPATH, "//button[starts-with(., 'Not a face: remove 1')]").click()
     browser.find_element(By.XPATH, "//button[starts-with(., 'Exempt face 2')]").click()
     assert browser.find_element(By.ID, "face-count").text.startswith(f"{expected} faces ({expected - 1} masked)")
-    screenshot(browser, shots, "photo-review", DESKTOP)
+    screenshot(browser, shots, f"{site.name}-photo-review", DESKTOP)
 
-    if not capabilities(stack)["anonymize_faces"]:
+    if not capabilities(site)["anonymize_faces"]:
         browser.find_element(By.ID, "rerender").click()
         status = wait_status(browser, 30, "Done")
         assert "cannot render given faces" in status, status
@@ -278,11 +311,11 @@ def test_a_photo_is_anonymised_and_reviewed_in_the_browser(stack, browser, shots
     assert mean_difference(pixels(browser, "original-image", faces[1]["box"]),
                            pixels(browser, "result-image", faces[1]["box"])) < mean_difference(
         pixels(browser, "original-image", faces[1]["box"]), kept)
-    screenshot(browser, shots, "photo-rerendered", DESKTOP)
+    screenshot(browser, shots, f"{site.name}-photo-rerendered", DESKTOP)
 
 
-def test_a_photo_is_analysed_with_its_attributes_listed(stack, browser, shots):
-    open_page(browser, stack)
+def test_a_photo_is_analysed_with_its_attributes_listed(site, browser, shots):
+    open_page(browser, site.url, site.token)
     choose(browser, data_path(*PHOTO), "analyze")
     status = run(browser)
     assert status.startswith("Done"), status
@@ -291,14 +324,14 @@ def test_a_photo_is_analysed_with_its_attributes_listed(stack, browser, shots):
     labels = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#result-boxes text")]
     assert labels and all(label.split()[0].isdigit() for label in labels)
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "download-result").is_displayed())
-    screenshot(browser, shots, "photo-analysed", DESKTOP)
-    screenshot(browser, shots, "photo-analysed", PHONE)
+    screenshot(browser, shots, f"{site.name}-photo-analysed", DESKTOP)
+    screenshot(browser, shots, f"{site.name}-photo-analysed", PHONE)
 
 
-def test_a_short_video_job_runs_to_done_with_its_tracks(stack, browser, shots, tmp_path, astronaut_bgr):
+def test_a_short_video_job_runs_to_done_with_its_tracks(site, browser, shots, tmp_path, astronaut_bgr):
     clip = tmp_path / "clip.mp4"
     panning_clip(clip, astronaut_bgr, 256, 12, 24, 3, gop=12)   # 2 s, a keyframe a second: 2 chunks
-    open_page(browser, stack)
+    open_page(browser, site.url, site.token)
     choose(browser, clip)
     status = run(browser, VIDEO_WAIT_S)
     assert status.startswith("Done"), status
@@ -313,8 +346,8 @@ def test_a_short_video_job_runs_to_done_with_its_tracks(stack, browser, shots, t
         const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         return px.some((v, i) => i % 4 !== 3 && v > 0);"""))
     assert no_horizontal_scroll(browser)
-    screenshot(browser, shots, "video-done", DESKTOP)
-    screenshot(browser, shots, "video-done", PHONE)
+    screenshot(browser, shots, f"{site.name}-video-done", DESKTOP)
+    screenshot(browser, shots, f"{site.name}-video-done", PHONE)
 
     # Review: the track is "not a face", and a box drawn on frame 0 of the original
     WebDriverWait(browser, 30).until(lambda d: d.execute_script(
@@ -335,15 +368,15 @@ def test_a_short_video_job_runs_to_done_with_its_tracks(stack, browser, shots, t
     assert [t for t in edited["tracks"] if t.get("dropped")] == [t for t in edited["tracks"] if t["track"] == 1]
     assert len(edited["manual"]) == 1 and edited["manual"][0]["frame"] == 0
     assert all(abs(a - b) <= 6 for a, b in zip(edited["manual"][0]["box"], [20, 20, 80, 80])), edited["manual"]
-    screenshot(browser, shots, "video-review", DESKTOP)
-    if not capabilities(stack)["job_report"]:
+    screenshot(browser, shots, f"{site.name}-video-review", DESKTOP)
+    if not capabilities(site)["job_report"]:
         assert "cannot render a video from an edited report yet" in status, status
         pytest.skip("the API takes no edited report for a video job yet; the page offers the edited JSON")
     assert status.startswith("Done: rendered from the reviewed tracks"), status
 
 
-def test_labels_and_keyboard(stack, browser):
-    open_page(browser, stack, token=False)
+def test_labels_and_keyboard(site, browser):
+    open_page(browser, site.url)
     unlabelled = browser.execute_script("""
         return [...document.querySelectorAll('input, select, button, progress')]
           .filter(e => e.type !== 'hidden' && !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
@@ -390,10 +423,8 @@ def drag_box(driver, svg_id: str, box, natural: tuple[int, int]) -> None:
      .release().perform())
 
 
-def capabilities(stack) -> dict:
-    status, _, body = stack.request("GET", "/v1/openapi.json", user=USER)
-    assert status == 200, body
-    document = json.loads(body)
+def capabilities(site: Site) -> dict:
+    document = site.document()
     form = (document["paths"]["/v1/anonymize"]["post"]["requestBody"]["content"]
             .get("multipart/form-data", {}).get("schema", {}))
     job = document["components"]["schemas"]["JobRequest"]
