@@ -112,6 +112,7 @@ class Stack:
         # which sends consecutive messages to different ones (as Lambda may).
         self.stream_processes = max(1, stream_processes) if "stream" in self.specs else 0
         self.websocket_api: WebSocketApi | None = None
+        self.stream_functions: list[LambdaFunction] = []  # functions["stream"] is the first
 
         logs = self.workdir / "logs"
         self.logs: dict[str, Path] = {name: logs / f"{name}.log"
@@ -131,7 +132,7 @@ class Stack:
 
     @property
     def stream_process_names(self) -> list[str]:
-        """The stream function's processes: "stream", "stream-2", ... (keys of `functions`, `logs`)."""
+        """The stream function's processes: "stream", "stream-2", ... (their `logs` keys)."""
         return ["stream" if i == 0 else f"stream-{i + 1}" for i in range(self.stream_processes)]
 
     def _from_template(self, handler: str | None, attribute: str, default: Any) -> Any:
@@ -153,8 +154,7 @@ class Stack:
                 known.pop(name, None)
                 continue
             known[name] = FunctionConfig(**{**base.__dict__, "handler": handler, "timeout": timeout, "name": name})
-        # The stand-in authorises WebSocket connections itself: the JWT authorizer runs only if named.
-        wanted = [n for n in known if n != "stream-authorizer"] if names is None else list(names)
+        wanted = list(known) if names is None else list(names)
         unknown = [n for n in wanted if n not in known]
         if unknown:
             raise DevstackError(f"no such function(s) {unknown}; known: {sorted(known)}")
@@ -296,10 +296,12 @@ class Stack:
                                               log_path=self.logs[process], timeout=spec.timeout or 30.0,
                                               pickup_timeout=self.init_timeout, memory_size=self._memory(spec.handler),
                                               region=self.region, account_id=ACCOUNT_ID)
-                    self.functions[process] = function
+                    if name == "stream":
+                        self.stream_functions.append(function)
+                    self.functions.setdefault(name, function)
                     function.start()
             if self.websocket_api is not None:
-                self.websocket_api.invokers.extend(self.functions[name].invoke for name in self.stream_process_names)
+                self.websocket_api.invokers.extend(function.invoke for function in self.stream_functions)
             if "api" in self.functions:
                 self.http_api = HttpApi(self.functions["api"].invoke, routes=self.api_routes, auth=self.api_auth,
                                         account_id=ACCOUNT_ID)
@@ -307,7 +309,7 @@ class Stack:
             self._start_deliveries()
             if self.wait_ready:
                 deadline = time.monotonic() + self.init_timeout
-                for function in self.functions.values():
+                for function in [*self.functions.values(), *self.stream_functions[1:]]:
                     function.wait_ready(max(0.1, deadline - time.monotonic()))
                 if self.gpu_worker is not None:
                     self.gpu_worker.wait_ready(max(0.1, deadline - time.monotonic()))
@@ -327,7 +329,7 @@ class Stack:
         if self.websocket_api is not None:
             steps.append(self.websocket_api.stop)
         # stopping a function fails its pending invocations, which frees the poller
-        steps.extend(function.stop for function in self.functions.values())
+        steps.extend(function.stop for function in [*self.functions.values(), *self.stream_functions[1:]])
         steps.extend((lambda poller=poller: poller.stop(timeout=15)) for poller in pollers)
         if self.sagemaker is not None:
             steps.append(self.sagemaker.stop)
@@ -345,6 +347,7 @@ class Stack:
         self.websocket_api = None
         self.sagemaker = self.gpu_worker = None
         self.functions = {}
+        self.stream_functions = []
         self._clients.clear()
         self.started = False
         if self._own_workdir:

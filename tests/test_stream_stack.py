@@ -102,8 +102,9 @@ def assert_covers(face: dict, box, seq: int) -> None:
 # --- through the stack ----------------------------------------------------------------------------
 
 def test_two_function_processes_serve_the_stream(stack):
-    pids = {stack.functions[name].pid for name in stack.stream_process_names}
-    assert len(stack.stream_process_names) == 2 and len(pids) == 2 and None not in pids
+    pids = {function.pid for function in stack.stream_functions}
+    assert len(stack.stream_functions) == 2 and len(pids) == 2 and None not in pids
+    assert stack.functions["stream"] is stack.stream_functions[0]
 
 
 def test_a_face_stays_covered_through_an_occlusion_across_two_processes(stack, scene):
@@ -164,8 +165,8 @@ def test_a_state_lost_everywhere_resets_clearly_and_covers_whole_frames(stack, s
         for seq in range(3):
             exchange(ws, seq, frame(seq))
         settle(stack)
-        for name in stack.stream_process_names:   # new environments: no copy of any state
-            stack.restart_function(name)
+        for function in stack.stream_functions:   # new environments: no copy of any state
+            function.kill_environment()
         stack.restart_redis()
         lost = exchange(ws, 3, frame(3, occluded=True))
         assert lost["reset"] == stream.LOST and lost["covered"] == "frame"
