@@ -348,3 +348,22 @@ def test_the_jwt_authorizer_allows_a_valid_token_and_refuses_others(issuer, monk
                   base64.urlsafe_b64encode(b'{"alg":"none"}').decode() + ".e30."):
         with pytest.raises(Exception, match="^Unauthorized$"):
             call(token)
+
+
+def test_the_sample_events_run_through_the_function(stack):
+    """events/stream_*.json as API Gateway sends them: the reply to a connection the stand-in
+    does not know is answered 410 (GoneException), which ends that connection's state."""
+    import redis
+    events = devstack.stack.ROOT / "events"
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    for name in ("stream_connect", "stream_frame"):
+        event = json.loads((events / f"{name}.json").read_text())
+        event["requestContext"]["requestTimeEpoch"] = int(time.time() * 1000)
+        result = stack.invoke("stream", event)
+        assert result.ok and result.payload == {"statusCode": 200}, result.error
+        if name == "stream_connect":
+            assert client.exists("faceflow:stream:{L0SM9cOFvHcCIhw=}")
+    assert not client.exists("faceflow:stream:{L0SM9cOFvHcCIhw=}")
+    assert "connection gone before its reply" in stack.log_text("stream")
+    result = stack.invoke("stream", json.loads((events / "stream_disconnect.json").read_text()))
+    assert result.ok and result.payload == {"statusCode": 200}

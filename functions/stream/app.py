@@ -19,7 +19,7 @@ from botocore.config import Config
 from faceflow import stream
 from faceflow.engine import Engine
 from functions.common.aws import Adapters, make_tracer
-from functions.stream.connections import ConnectionStore
+from functions.stream.connections import SAVED, ConnectionStore
 from functions.stream.service import StreamService, StreamSettings, waited_ms
 
 logger = Logger(service="faceflow-stream")
@@ -29,6 +29,9 @@ metrics = Metrics(namespace="faceflow", service="faceflow-stream")
 adapters = Adapters()
 settings = StreamSettings.from_env()
 engine = Engine()  # models load once per execution environment, at init (provisioned concurrency)
+# What became of a frame, by reply type.
+_FRAME_METRICS = {stream.RESULT: "FramesProcessed", stream.DROP: "FramesDropped", stream.ERROR: "FramesRefused"}
+
 service = StreamService(stream.StreamProcessor(engine), ConnectionStore(adapters.redis, settings.ttl_s), settings)
 
 
@@ -41,8 +44,10 @@ def handler(event: dict, context: LambdaContext) -> dict:
     logger.append_keys(connection_id=connection_id, route=route)  # ids only: no faces or pixels
     if route == "$connect":
         service.connect(connection_id)
+        metrics.add_metric(name="StreamsOpened", unit=MetricUnit.Count, value=1)
     elif route == "$disconnect":
         service.disconnect(connection_id)
+        metrics.add_metric(name="StreamsClosed", unit=MetricUnit.Count, value=1)
     else:
         body = event.get("body") or ""
         if event.get("isBase64Encoded"):
@@ -50,11 +55,11 @@ def handler(event: dict, context: LambdaContext) -> dict:
         handled = service.message(connection_id, body, lambda text: _post(request, connection_id, text),
                                   waited_ms(request.get("requestTimeEpoch")))
         reply = handled.reply
-        metrics.add_metric(name=f"Frames{reply['type'].capitalize()}", unit=MetricUnit.Count, value=1)
+        metrics.add_metric(name=_FRAME_METRICS[reply["type"]], unit=MetricUnit.Count, value=1)
         if handled.reset:
             metrics.add_metric(name="StreamResets", unit=MetricUnit.Count, value=1)
             logger.warning("stream state was lost", extra={"reset": handled.reset})
-        if handled.stored != "saved":
+        if handled.stored != SAVED:
             metrics.add_metric(name="StreamStateConflicts", unit=MetricUnit.Count, value=1)
         if reply["type"] != stream.RESULT:
             logger.info("frame not processed", extra={"reason": reply.get("reason") or reply.get("code")})
