@@ -39,7 +39,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .http_api import _claim_string, _iam_caller, _jwt_claims
 from .httpd import LoopbackServer, RequestHandler
-from .procs import LOOPBACK
+from .procs import LOOPBACK, DevstackError
 from .runtime_api import InvokeResult
 
 log = logging.getLogger("devstack.websocket_api")
@@ -95,6 +95,9 @@ class WebSocketApi:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
+        import importlib.util
+        if importlib.util.find_spec("websockets") is None:
+            raise DevstackError("the WebSocket API stand-in needs websockets: pip install -e '.[stream]'")
         self.management.start()
         self._thread = threading.Thread(target=self._run, name="websocket-api", daemon=True)
         self._thread.start()
