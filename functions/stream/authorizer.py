@@ -67,7 +67,8 @@ def verify(token: str, issuer: str, audiences: list[str]) -> dict:
 def _keys(issuer: str) -> jwt.PyJWKClient:
     """The issuer's key set, from its discovery document (once per environment; PyJWKClient
     refetches the set when a token names a key it does not know)."""
-    with urllib.request.urlopen(issuer.rstrip("/") + DISCOVERY, timeout=5) as response:  # noqa: S310 - the operator's issuer
+    # The operator's own issuer (from the template), over HTTPS: the subnets need a route to it.
+    with urllib.request.urlopen(issuer.rstrip("/") + DISCOVERY, timeout=5) as response:  # noqa: S310
         jwks_uri = json.load(response)["jwks_uri"]
     return jwt.PyJWKClient(jwks_uri, cache_keys=True, lifespan=3600, timeout=5)
 
