@@ -316,9 +316,9 @@ class _ManagementHandler(RequestHandler):
             return
         def iso(t: float) -> str:
             return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        self.reply(200, {"ConnectedAt": iso(connection.connected_at),
-                         "LastActiveAt": iso(connection.last_active or connection.connected_at),
-                         "Identity": {"SourceIp": connection.source_ip, "UserAgent": connection.user_agent}})
+        self.reply(200, {"connectedAt": iso(connection.connected_at),
+                         "lastActiveAt": iso(connection.last_active or connection.connected_at),
+                         "identity": {"sourceIp": connection.source_ip, "userAgent": connection.user_agent}})
 
     def do_DELETE(self) -> None:  # noqa: N802
         status = self.owner.close(self._connection_id() or "")

@@ -371,3 +371,79 @@ def test_the_sample_events_run_through_the_function(stack):
     assert "connection gone before its reply" in stack.log_text("stream")
     result = stack.invoke("stream", json.loads((events / "stream_disconnect.json").read_text()))
     assert result.ok and result.payload == {"statusCode": 200}
+
+
+# --- the stand-in on its own, and the template -----------------------------------------------------
+
+def test_the_stand_in_with_iam_auth_and_its_management_api():
+    """auth="iam": an unsigned connect is 403 before any invocation, a SigV4-signed one reaches
+    $connect with the caller in requestContext.identity; the @connections API answers boto3 as
+    API Gateway does (GoneException for a closed connection)."""
+    import boto3
+    from botocore.config import Config
+
+    events = []
+
+    def invoke(event):
+        events.append(event)
+        return devstack.InvokeResult(True, payload={"statusCode": 200})
+
+    api = devstack.WebSocketApi([invoke], auth="iam")
+    api.start()
+    try:
+        with pytest.raises(InvalidStatus) as refused:
+            connect(api.url, open_timeout=10)
+        assert refused.value.response.status_code == 403 and events == []
+        headers = devstack.sigv4_headers("GET", api.url.replace("ws://", "http://") + "/", access_key="AKIDALICE")
+        management = boto3.client("apigatewaymanagementapi", endpoint_url=api.management_url, region_name="us-east-1",
+                                  aws_access_key_id="testing", aws_secret_access_key="testing",
+                                  config=Config(retries={"max_attempts": 1}))
+        with connect(api.url, additional_headers={"Authorization": headers["Authorization"]}, open_timeout=10) as ws:
+            (connection_id,) = api.connections
+            assert events[0]["requestContext"]["routeKey"] == "$connect"
+            assert events[0]["requestContext"]["identity"]["userArn"].endswith(":user/AKIDALICE")
+            management.post_to_connection(ConnectionId=connection_id, Data=b'{"hello": 1}')
+            assert ws.recv(timeout=10) == '{"hello": 1}'
+            assert management.get_connection(ConnectionId=connection_id)["Identity"]["SourceIp"] == "127.0.0.1"
+            with pytest.raises(management.exceptions.PayloadTooLargeException):
+                management.post_to_connection(ConnectionId=connection_id, Data=b"x" * (stream.MESSAGE_LIMIT_BYTES + 1))
+            management.delete_connection(ConnectionId=connection_id)
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
+        deadline = time.monotonic() + 10
+        while not any(e["requestContext"]["routeKey"] == "$disconnect" for e in events):
+            assert time.monotonic() < deadline, "no $disconnect"
+            time.sleep(0.05)
+        with pytest.raises(management.exceptions.GoneException):
+            management.post_to_connection(ConnectionId=connection_id, Data=b"late")
+    finally:
+        api.stop()
+
+
+def test_the_websocket_api_in_the_template():
+    cfn_yaml = pytest.importorskip("cfnlint.decode.cfn_yaml", reason="cfn-lint is not installed")
+    template = cfn_yaml.load(str(devstack.stack.ROOT / "template.yaml"))
+    resources = template["Resources"]
+    assert resources["WebSocketApi"]["Properties"]["ProtocolType"] == "WEBSOCKET"
+    routes = {r["Properties"]["RouteKey"]: r["Properties"] for r in resources.values()
+              if r["Type"] == "AWS::ApiGatewayV2::Route"}
+    assert set(routes) == {"$connect", "$default", "$disconnect"}
+    # $connect authorised as the HTTP API is: IAM, or the JWT authorizer
+    assert routes["$connect"]["AuthorizationType"] == {"Fn::If": ["UseJwt", "CUSTOM", "AWS_IAM"]}
+    assert routes["$connect"]["AuthorizerId"] == {"Fn::If": ["UseJwt", {"Ref": "WebSocketAuthorizer"},
+                                                             {"Ref": "AWS::NoValue"}]}
+    assert {routes[k]["AuthorizationType"] for k in ("$default", "$disconnect")} == {"NONE"}
+    target = {"Fn::Sub": "integrations/${WebSocketIntegration}"}
+    assert all(route["Target"] == target for route in routes.values())
+    # the integration invokes the `live` alias (the one with provisioned concurrency)
+    uri = json.dumps(resources["WebSocketIntegration"]["Properties"]["IntegrationUri"])
+    assert "StreamFunction.Alias" in uri
+    function = resources["StreamFunction"]["Properties"]
+    assert function["ImageConfig"]["Command"] == ["functions.stream.app.handler"]
+    assert "ProvisionedConcurrencyConfig" in function
+    (statement,) = function["Policies"][0]["Statement"]
+    assert statement["Action"] == ["execute-api:ManageConnections"]
+    assert statement["Resource"]["Fn::Sub"].endswith(":${WebSocketApi}/${WebSocketStage}/POST/@connections/*")
+    authorizer = resources["StreamAuthorizerFunction"]
+    assert authorizer["Condition"] == "UseJwt" and resources["WebSocketAuthorizer"]["Condition"] == "UseJwt"
+    assert authorizer["Properties"]["ImageConfig"]["Command"] == ["functions.stream.authorizer.handler"]
