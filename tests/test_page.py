@@ -58,6 +58,8 @@ except ImportError:
     ServeProcess = None
 
 PHOTO = ("images", "pyfeat_multi_face.jpg")   # 5 faces by eye
+LARGE_PHOTO = ("images", "facerec_obama_partial_face.jpg")   # 423 KB: over the stack's direct limit below
+MAX_SYNC_BYTES = 300_000
 DESKTOP = (1280, 800)
 PHONE = (390, 844)
 PHOTO_WAIT_S = 120    # a cold api function loads the engine on its first photo
@@ -67,8 +69,9 @@ USER = "page-tester"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, model_dir):
-    env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_CHUNK_SECONDS": "1"}
-    with Stack(functions=("api", "split", "chunk-worker", "failures"), gpu=False, api_auth="jwt",
+    env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_CHUNK_SECONDS": "1",
+           "FACEFLOW_MAX_SYNC_BYTES": str(MAX_SYNC_BYTES)}
+    with Stack(functions=("api", "stills", "split", "chunk-worker", "failures"), gpu=False, api_auth="jwt",
                function_env=env, workdir=tmp_path_factory.mktemp("page-stack")) as running:
         yield running
 
@@ -314,6 +317,23 @@ def test_a_photo_is_anonymised_and_reviewed_in_the_browser(site, browser, shots,
     screenshot(browser, shots, f"{site.name}-photo-rerendered", DESKTOP)
 
 
+def test_a_photo_over_the_direct_limit_goes_through_a_job(site, browser, engine):
+    """The direct routes answer 413 for it: the page uploads it to storage and polls a job."""
+    photo = data_path(*LARGE_PHOTO)
+    expected = len(engine.analyze_bytes(photo.read_bytes())["faces"])
+    open_page(browser, site.url, site.token)
+    choose(browser, photo)
+    status = run(browser)
+    assert status.startswith("Done"), status
+    assert browser.find_element(By.ID, "face-count").text.startswith(f"{expected} face"), status
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "const i = document.getElementById('result-image'); return i.complete && i.naturalWidth > 0"))
+    if site.name == "deployed":  # the result comes from the output bucket (a presigned URL)
+        assert photo.stat().st_size > MAX_SYNC_BYTES
+        src = browser.find_element(By.ID, "result-image").get_attribute("src")
+        assert "/faceflow-output/" in src and "Signature" in src, src
+
+
 def test_a_photo_is_analysed_with_its_attributes_listed(site, browser, shots):
     open_page(browser, site.url, site.token)
     choose(browser, data_path(*PHOTO), "analyze")
@@ -360,6 +380,7 @@ def test_a_short_video_job_runs_to_done_with_its_tracks(site, browser, shots, tm
     drag_box(browser, "original-boxes", [20, 20, 80, 80], (256, 256))
     WebDriverWait(browser, 10).until(lambda d: "Added box on frame 0" in d.find_element(By.ID, "tracks").text)
     assert "Track 1 \u2014 dropped" in browser.find_element(By.ID, "tracks").text
+    first_result = browser.find_element(By.ID, "result-video").get_attribute("src")
     browser.find_element(By.ID, "rerender").click()
     status = wait_status(browser, VIDEO_WAIT_S, "Done")
     edited = downloaded_json(browser)
@@ -373,6 +394,9 @@ def test_a_short_video_job_runs_to_done_with_its_tracks(site, browser, shots, tm
         assert "cannot render a video from an edited report yet" in status, status
         pytest.skip("the API takes no edited report for a video job yet; the page offers the edited JSON")
     assert status.startswith("Done: rendered from the reviewed tracks"), status
+    assert browser.find_element(By.ID, "result-video").get_attribute("src") != first_result
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "return document.getElementById('result-video').readyState >= 1"))
 
 
 def test_labels_and_keyboard(site, browser):
