@@ -155,7 +155,7 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"faceflow: serving on {args.host}: anyone who reaches it can use it (no authentication); "
               "see the README on putting it behind a proxy", file=sys.stderr)
-    limits = serve.Limits(workers=args.workers, timeout_s=args.timeout)
+    limits = serve.Limits(workers=args.workers, waiting=args.queue, timeout_s=args.timeout)
     engine_options = {k: v for k, v in dict(detector=args.detector, model_dir=args.models, providers=args.providers,
                                             max_side=args.max_side, threshold=args.threshold).items()
                       if v is not None}
@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                    help="requests processed at once (default: the cores, at most 4)")
+    s.add_argument("--queue", type=int, default=16, help="requests waiting for a worker before a 503 (default 16)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take before a 504")
     s.add_argument("--workdir", default=None, help="folder for jobs' files (default: a temporary one)")
     s.add_argument("--public-url", default=None,

@@ -32,7 +32,6 @@ from typing import Optional
 from aiohttp import web
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.exceptions import BadRequestError, NotFoundError, ServiceError
-from pydantic import BaseModel, Field
 
 from faceflow import media
 from faceflow.web import api
@@ -62,10 +61,6 @@ class Limits:
     jobs_kept: int = 200                      # finished jobs (and their files) kept
     url_ttl_s: int = 900                      # how long an upload URL takes uploads
     memory_bytes: Optional[int] = None        # images budgeted against (None: the machine's)
-
-
-class CompatAnalyzeRequest(BaseModel):
-    image: str = Field(description="the photo, base64-encoded")
 
 
 # -- engines: one per thread, loaded on first use --------------------------------------------
@@ -322,12 +317,23 @@ def add_compat_routes(app: APIGatewayHttpResolver, photos: api.PhotoRoutes, engi
         return Response(status_code=200, content_type=api.CONTENT_TYPES[result.format], body=result.data,
                         headers={"X-Faceflow-Faces": str(len(result.report["faces"]))})
 
+    # (a body model would put its schema into the document's components)
     @app.post("/analyze", include_in_schema=False)
-    def analyze(request: CompatAnalyzeRequest):
-        if len(request.image) > photos.max_sync_bytes * 4 // 3 + 4:
+    def analyze():
+        event = app.current_event
+        content_type = event.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type != content_types.APPLICATION_JSON:
+            raise ServiceError(415, 'send {"image": base64} as application/json')
+        try:
+            image = api.parse_json_body(event.decoded_body or "").get("image")
+        except (ValueError, AttributeError):
+            image = None
+        if not isinstance(image, str):
+            raise BadRequestError('send {"image": "<the photo, base64-encoded>"}')
+        if len(image) > photos.max_sync_bytes * 4 // 3 + 4:
             raise ServiceError(413, f"image too large (limit {photos.max_sync_bytes} bytes)")
         try:
-            data = base64.b64decode(request.image, validate=True)
+            data = base64.b64decode(image, validate=True)
         except ValueError:
             raise BadRequestError("image: not base64") from None
         if not data:
