@@ -253,3 +253,17 @@ def test_serve_binds_to_loopback_by_default():
     from faceflow.cli import build_parser
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port) == ("127.0.0.1", 8080)
+
+
+def test_the_deployed_api_imports_stay_light():
+    # the API's cold start: the shared web package brings neither serve's server, its metrics,
+    # nor the engine (loaded on first use of a photo route)
+    env = {**os.environ, "FACEFLOW_INPUT_BUCKET": "in", "FACEFLOW_OUTPUT_BUCKET": "out",
+           "FACEFLOW_REDIS_URL": "redis://127.0.0.1:9", "POWERTOOLS_TRACE_DISABLED": "true",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    probe = ("import json, sys; import functions.api.app; print(json.dumps(sorted(m for m in "
+             "('cv2', 'onnxruntime', 'aiohttp', 'prometheus_client', 'faceflow.engine', 'faceflow.web.serve') "
+             "if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert json.loads(out) == []
