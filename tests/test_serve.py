@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -267,3 +268,29 @@ def test_the_deployed_api_imports_stay_light():
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert json.loads(out) == []
+
+
+def test_one_upload_at_a_time_and_a_broken_one_leaves_nothing(serve, photo):
+    import socket
+    status, created = serve.json("POST", "/v1/jobs", {"filename": "party.jpg"})
+    url, headers = created["upload"]["url"], created["upload"]["headers"]
+    path = url[len(serve.url):]
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as connection:
+        connection.sendall(f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                           f"Content-Length: {len(photo)}\r\n\r\n".encode() + photo[:len(photo) // 2])
+        deadline = time.monotonic() + 30
+        while serve.json("GET", f"/v1/jobs/{created['job_id']}")[1]["stage"] != "uploading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # a second upload while the first is under way would write the same file
+        assert_error(*serve.request("PUT", url, photo, headers)[::2], 409)
+    # the server notices the broken connection; then the job takes its input again
+    deadline = time.monotonic() + 30
+    while serve.json("GET", f"/v1/jobs/{created['job_id']}")[1]["stage"] != "awaiting upload":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    folder = serve.folder / "work" / "jobs" / created["job_id"]
+    assert list(folder.iterdir()) == []  # nothing half-written
+    status, _, body = serve.request("PUT", url, photo, headers)
+    assert status == 200, body
+    assert serve.wait_for_job(created["job_id"], 120)["status"] == "done"

@@ -44,6 +44,7 @@ log = logging.getLogger("faceflow.serve")
 MIB = 1024 * 1024
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"  # the deployed jobs' statuses
 AWAITING_UPLOAD = "awaiting upload"  # a job's stage until its input has arrived
+UPLOADING = "uploading"
 UPLOAD_CHUNK = 1 * MIB
 
 
@@ -157,16 +158,33 @@ class LocalJobs:
             return None
         return self.root / job_id / name
 
+    def claim_upload(self, job_id: str) -> bool:
+        """Take the job's upload (one PUT at a time); False when its input is there or coming."""
+        with self._lock:
+            record = self._records.get(job_id)
+            if record is None or record["stage"] != AWAITING_UPLOAD:
+                return False
+            record["stage"] = UPLOADING
+            return True
+
+    def release_upload(self, job_id: str) -> None:
+        """An upload that did not complete: the job waits for its input again."""
+        with self._lock:
+            record = self._records.get(job_id)
+            if record is not None and record["stage"] in (UPLOADING, AWAITING_UPLOAD):
+                record["stage"] = AWAITING_UPLOAD
+
     def limit_for(self, record: dict) -> int:
         return self.limits.max_video_bytes if record["media"] == "video" else self.limits.max_photo_bytes
 
     def start(self, job_id: str) -> bool:
         """Queue an uploaded job; False when the queue is full (the upload may be sent again)."""
+        self.update(job_id, stage="waiting")  # before the worker can take it
         try:
             self._queue.put_nowait(job_id)
         except queue.Full:
+            self.update(job_id, stage=UPLOADING)
             return False
-        self.update(job_id, stage="waiting")
         self.metrics.queue.labels(queue="jobs").set(self._queue.qsize())
         return True
 
@@ -501,32 +519,30 @@ class Server:
         limit = self.jobs.limit_for(record)
         if request.content_length is not None and request.content_length > limit:
             return error(413, f"over the limit of {limit} bytes")
+        if not self.jobs.claim_upload(record["id"]):
+            return error(409, f"job {record['id']} has its input already (or it is being uploaded)")
         target = self.jobs.input_path(record)
         partial = target.with_name(target.name + ".part")
         loop = asyncio.get_running_loop()
-        received = 0
+        received, whole = 0, False
         try:
             with open(partial, "wb") as out:
                 async for chunk in request.content.iter_chunked(UPLOAD_CHUNK):
                     received += len(chunk)
                     if received > limit:
-                        raise OverflowError
+                        return error(413, f"over the limit of {limit} bytes")
                     await loop.run_in_executor(None, out.write, chunk)
-        except OverflowError:
-            partial.unlink(missing_ok=True)
-            return error(413, f"over the limit of {limit} bytes")
-        except (ConnectionError, asyncio.CancelledError):
-            partial.unlink(missing_ok=True)  # nothing half-written stays
-            raise
-        if received == 0:
-            partial.unlink(missing_ok=True)
-            return error(400, "empty upload")
-        if self.jobs.get(record["id"]) is None or self.jobs.get(record["id"])["stage"] != AWAITING_UPLOAD:
-            partial.unlink(missing_ok=True)
-            return error(409, f"job {record['id']} has its input already")
-        partial.replace(target)
+            if received == 0:
+                return error(400, "empty upload")
+            partial.replace(target)
+            whole = True
+        finally:
+            if not whole:  # refused, or the connection broke: nothing half-written stays
+                partial.unlink(missing_ok=True)
+                self.jobs.release_upload(record["id"])
         if not self.jobs.start(record["id"]):
             target.unlink(missing_ok=True)
+            self.jobs.release_upload(record["id"])
             return error(503, "too many jobs waiting: send the upload again shortly", {"Retry-After": "5"})
         return web.Response(status=200)
 
