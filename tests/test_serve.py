@@ -207,6 +207,10 @@ def test_a_video_job_reports_progress_and_gives_the_video(serve):
     assert job["progress"]["frames_done"] == job["progress"]["frames_total"] == 472
     status, links = serve.json("GET", f"/v1/jobs/{created['job_id']}/result")
     assert status == 200 and links["video_url"].endswith(".mp4")
+    # the per-frame report, as `faceflow anonymize --report` and the deployed jobs write it
+    report = json.loads(serve.request("GET", links["report_url"])[2])
+    assert len(report["frames"]) == 472 and report["summary"]["faces"] == job["faces"] > 0
+    assert all({"frame", "time", "faces"} <= set(frame) for frame in report["frames"])
     status, headers, video = serve.request("GET", links["video_url"])
     assert status == 200 and headers["content-type"] == "video/mp4" and len(video) > 100_000
     av = pytest.importorskip("av")

@@ -217,15 +217,15 @@ class LocalJobs:
         start = time.perf_counter()
         self.update(job_id, status=RUNNING, stage="processing")
         engine = self.engines()
-        files: dict[str, str] = {}
+        files: dict[str, str] = {"report": f"{stem}-report.json"}
+        report_path = folder / files["report"]
         try:
             if record["operation"] == "analyze":
                 report = engine.analyze_file(src, attributes=self.engines.analysis_attributes() or None)
                 faces = len(report.get("faces", []))
             elif is_video:
                 suffix = api.upload_suffix(record["filename"])
-                out_suffix = suffix if suffix in media.VIDEO_OUTPUT_EXTENSIONS else ".mp4"
-                files["video"] = f"{stem}-anonymized{out_suffix}"
+                files["video"] = f"{stem}-anonymized{suffix if suffix in media.VIDEO_OUTPUT_EXTENSIONS else '.mp4'}"
                 frames_seen = [0]
 
                 def progress(done: int, total: Optional[int] = None) -> None:
@@ -234,24 +234,21 @@ class LocalJobs:
                     self.update(job_id, progress={"chunks_done": 0, "chunks_total": 1, "frames_done": done,
                                                   "frames_total": total})
                 from faceflow.video import VideoOptions
-                report = engine.anonymize_file(src, folder / files["video"], options=None,
-                                               video_options=VideoOptions(), progress=progress)
-                faces = int(report.get("faces") or 0) if not isinstance(report.get("faces"), list) \
-                    else len(report["faces"])
+                # the per-frame report is written as the frames go (as `faceflow anonymize --report`)
+                summary = engine.anonymize_file(src, folder / files["video"], options=None,
+                                                video_options=VideoOptions(), report=report_path, progress=progress)
+                faces, report = int(summary.get("faces") or 0), None
             else:
-                fmt_suffix = api.upload_suffix(record["filename"])
-                files["image"] = f"{stem}-anonymized{fmt_suffix}"
+                files["image"] = f"{stem}-anonymized{api.upload_suffix(record['filename'])}"
                 report = engine.anonymize_file(src, folder / files["image"])
-                out = Path(report.get("output", folder / files["image"]))
-                files["image"] = out.name
                 faces = len(report.get("faces", []))
         except BadInput as exc:
             self._fail(job_id, f"the input cannot be processed: {exc}")
             return
-        report.pop("output", None)
-        report["source"] = record["filename"]
-        files["report"] = f"{stem}-report.json"
-        atomic_write(folder / files["report"], json.dumps(report, indent=1).encode())
+        if report is not None:
+            report.pop("output", None)
+            report["source"] = record["filename"]
+            atomic_write(report_path, json.dumps(report, indent=1).encode())
         src.unlink(missing_ok=True)
         self.metrics.faces.inc(faces)
         self.metrics.jobs.labels(status=DONE).inc()
