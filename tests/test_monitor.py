@@ -3,7 +3,6 @@ summary, sampling the server from its /metrics or, with --pid, with psutil."""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 

@@ -450,6 +450,9 @@ class Server:
             response = await handler(request)
         except web.HTTPException as exc:  # aiohttp's own refusals, in the Error shape
             response = error(exc.status, exc.reason)
+        except Exception:  # a defect: logged, counted, answered in the Error shape
+            log.exception("%s %s failed", request.method, route)
+            response = error(500, "internal error (see the server's log)")
         self.metrics.observe(route, request.method, response.status, time.perf_counter() - start)
         return response
 
