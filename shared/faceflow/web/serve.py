@@ -15,6 +15,7 @@ room is full a request gets 503 (Retry-After); a request that runs past its time
 """
 import asyncio
 import base64
+import functools
 import json
 import logging
 import os
@@ -84,6 +85,7 @@ class Engines:
             self._local.engine = engine
         return engine
 
+    @functools.cached_property
     def analysis_attributes(self) -> tuple:
         """The default attributes when their models are installed, else none (detection only)."""
         from faceflow import bundle
@@ -221,7 +223,7 @@ class LocalJobs:
         report_path = folder / files["report"]
         try:
             if record["operation"] == "analyze":
-                report = engine.analyze_file(src, attributes=self.engines.analysis_attributes() or None)
+                report = engine.analyze_file(src, attributes=self.engines.analysis_attributes or None)
                 faces = len(report.get("faces", []))
             elif is_video:
                 suffix = api.upload_suffix(record["filename"])
@@ -353,7 +355,7 @@ def add_compat_routes(app: APIGatewayHttpResolver, photos: api.PhotoRoutes, engi
             raise BadRequestError("image: not base64") from None
         if not data:
             raise BadRequestError("image: empty")
-        record = api.analyze_image(data, photos, engines.analysis_attributes())
+        record = api.analyze_image(data, photos, engines.analysis_attributes)
         drawn = annotated_jpeg(data, record["faces"], photos.memory_bytes)
         return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=json.dumps(
             {"image": base64.b64encode(drawn).decode("ascii"), "faces": record["faces"],
