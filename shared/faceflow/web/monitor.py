@@ -209,14 +209,18 @@ def main(args) -> int:
         raise BadInput("--requests and --concurrency must be at least 1")
     photos = photos_in(folder)
     url = args.url.rstrip("/")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     sampler = Sampler(f"{url}/metrics", args.pid, args.interval)
-    if args.pid is None:
+    if args.pid is not None:
+        import psutil
+        if not psutil.pid_exists(args.pid):
+            raise BadInput(f"no process {args.pid} here")
+    else:
         try:
             scrape(sampler.metrics_url)
         except Exception as exc:
             raise BadInput(f"cannot read {url}/metrics ({exc}); give --pid to sample a local process") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     sampler.start()
     started = time.perf_counter()
     try:
