@@ -15,11 +15,10 @@ import math
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Optional, Union
 
 from aws_lambda_powertools import Logger, Metrics
-from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver
 from aws_lambda_powertools.event_handler.exceptions import BadRequestError, NotFoundError, ServiceError
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
@@ -44,6 +43,7 @@ from faceflow.web.api import (
     UploadStatus,
     job_view,
 )
+from faceflow.web.page import add_page_routes
 from functions.common.aws import Adapters, make_tracer, result_keys
 from functions.common.jobs import DONE, FAILED, QUEUED, new_job_id
 from functions.common.settings import ANALYZE, ANALYZE_PREFIX, ANONYMIZE, UPLOAD_PREFIX
@@ -316,38 +316,8 @@ def recorded_links(job: dict, link) -> Optional[ResultLinks]:
     return ResultLinks(**urls, report_url=link(keys["report"]), expires_in=adapters.settings.url_ttl_s)
 
 
-# -- the page ---------------------------------------------------------------------------------
-
-# The page's files (index.html, app.js, app.css), served by the API itself: the same origin as
-# the routes it calls, and nothing fetched from anywhere else.
-PAGE_DIR = Path(api.__file__).resolve().parent / "static"
-PAGE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-              ".css": "text/css; charset=utf-8"}
-PAGE_FILE = r"^[a-z]{1,20}\.(html|js|css)$"
-# Scripts and styles from the page's own origin only; images, video and the JSON report come
-# from presigned storage URLs (another origin) or the browser's own blob: URLs.
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data: https: http:; "
-                                           "media-src 'self' blob: https: http:; connect-src 'self' blob: https: http:; "
-                                           "object-src 'none'; base-uri 'self'; frame-ancestors 'none'",
-                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-
-
-def page_file(name: str) -> Response:
-    path = PAGE_DIR / name
-    if not re.match(PAGE_FILE, name) or not path.is_file():
-        raise NotFoundError(f"no page file {name[:100]}")
-    return Response(status_code=200, content_type=PAGE_TYPES[path.suffix], body=path.read_text(),
-                    headers=PAGE_HEADERS)
-
-
-@app.get("/", operation_id="page", include_in_schema=False)
-def page():
-    return page_file("index.html")
-
-
-@app.get("/static/<name>", operation_id="pageFile", include_in_schema=False)
-def page_static(name: str):
-    return page_file(name)
+# The page (GET / and its files): the same origin as the routes it calls.
+add_page_routes(app)
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)
