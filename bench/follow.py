@@ -1,14 +1,15 @@
 """How far a box drawn by hand on a video is followed (faceflow.review.BoxFollower).
 
-    python bench/follow.py [--data ../shared/data] [--every 25]
+    python bench/follow.py [--data ../shared/data] [--every 25] [--limit 120]
 
 On each clip of DATA/video: a seed on every `--every`-th frame where the detector finds a
 face, its box followed forward and backward with OpenCV's MIL tracker alone and with MIL
 snapped to detections at review.FOLLOW_THRESHOLD (what `--from-report` does). A frame
 counts as followed while the box overlaps the detector's own box (IoU >= 0.3) where the
 detector found one (frames where it found none, e.g. a hand over the face, are passed and
-not judged). "to end": the follower reached the clip's end (forward) or start (backward)
-or the face's last detection. CPU time per followed frame beside it.
+not judged). "held": the follower reached `--limit` frames, the clip's end (forward) or
+start (backward) or the face's last (first) detection without losing it. CPU time per
+followed frame beside it (MIL alone, and MIL plus a detector pass).
 """
 from __future__ import annotations
 
@@ -45,11 +46,12 @@ def frames_and_truth(engine: Engine, path: Path) -> tuple[list, list]:
     return frames, truth
 
 
-def follow(frames, truth, seed: int, step: int, snap) -> tuple[int, bool, float]:
-    """Frames followed from `seed` in direction `step` (+1/-1), whether it got to the end, CPU s."""
+def follow(frames, truth, seed: int, step: int, snap, limit: int) -> tuple[int, bool, float]:
+    """Frames followed from `seed` in direction `step` (+1/-1), whether it held to the end or
+    the limit, CPU s."""
     follower = review.BoxFollower(frames[seed], truth[seed], snap)
     detected = [i for i, t in enumerate(truth) if t is not None]
-    end = max(detected) if step > 0 else min(detected)
+    end = min(max(detected), seed + limit) if step > 0 else max(min(detected), seed - limit)
     n, cpu = 0, time.process_time()
     for t in range(seed + step, end + step, step):
         box = follower.step(frames[t])
@@ -63,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--limit", type=int, default=120, help="frames followed at most from a seed")
     args = ap.parse_args()
     engine = Engine(threads=1)
     print("| clip | follower | direction | seeds | frames followed: median (min-max) | to end | CPU ms a frame |")
@@ -70,10 +73,12 @@ def main() -> None:
     for path in sorted((args.data / "video").iterdir()):
         frames, truth = frames_and_truth(engine, path)
         seeds = [i for i in range(0, len(frames), args.every) if truth[i] is not None]
+        print(f"{path.name}: {len(frames)} frames, a face detected on {sum(t is not None for t in truth)}",
+              file=sys.stderr, flush=True)
         for name, snap in (("MIL", None),
                            ("MIL + detector", lambda bgr: engine.detect(bgr, review.FOLLOW_THRESHOLD))):
             for direction, step in (("forward", 1), ("backward", -1)):
-                runs = [follow(frames, truth, s, step, snap) for s in seeds]
+                runs = [follow(frames, truth, s, step, snap, args.limit) for s in seeds]
                 counts = [r[0] for r in runs]
                 cpu = sum(r[2] for r in runs) / max(1, sum(counts))
                 print(f"| {path.name} ({len(frames)} frames) | {name} | {direction} | {len(seeds)} | "
