@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=120, help="frames followed at most from a seed")
     args = ap.parse_args()
     engine = Engine(threads=1)
-    print("| clip | follower | direction | seeds | frames followed: median (min-max) | to end | CPU ms a frame |")
+    print("| clip | follower | direction | seeds | frames followed: median (min-max) | held | CPU ms a frame |")
     print("|---|---|---|---|---|---|---|")
     for path in sorted((args.data / "video").iterdir()):
         frames, truth = frames_and_truth(engine, path)

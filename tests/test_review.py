@@ -276,3 +276,102 @@ def test_cli_from_report_video(clip, tmp_path):
     assert "0 face(s) masked" in done.stderr
     rendered = json.loads((tmp_path / "out.json").read_text())
     assert all(t["exempt"] for t in rendered["tracks"])
+
+
+# --- the API: POST /v1/anonymize with a report; jobs created with one ------------------------------
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, model_dir):
+    pytest.importorskip("awslambdaric", reason="awslambdaric not installed: pip install awslambdaric")
+    import devstack
+    reason = devstack.skip_reason()
+    if reason:
+        pytest.skip(f"devstack cannot run here: {reason}")
+    with devstack.Stack(functions=("api", "stills", "split"), function_env={"FACEFLOW_MODEL_DIR": str(model_dir)},
+                        workdir=tmp_path_factory.mktemp("review-stack")) as running:
+        yield running
+
+
+def form(**parts: tuple[str | None, str, bytes]) -> tuple[bytes, str]:
+    """A multipart/form-data body of (filename, content type, bytes) parts; its Content-Type."""
+    boundary = "faceflow-review-boundary"
+    body = b""
+    for name, (filename, content_type, data) in parts.items():
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += (f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: {content_type}\r\n\r\n"
+                 .encode() + data + b"\r\n")
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_api_anonymize_renders_a_report(stack, photo):
+    data, report = photo
+    edited = copy.deepcopy(report)
+    edited["faces"] = [*edited["faces"][:2], {"box": [20, 560, 70, 80], "source": "manual"}]
+    edited["faces"][1]["exempt"] = True
+    body, content_type = form(report=(None, "application/json", json.dumps(edited).encode()),
+                              file=("photo.jpg", "image/jpeg", data))
+    status, headers, out = stack.request("POST", "/v1/anonymize?method=pixelate", body=body,
+                                         headers={"Content-Type": content_type})
+    assert status == 200, out
+    assert headers["content-type"] == "image/jpeg" and headers["x-faceflow-faces"] == "2"
+    assert out == review.render_photo(data, edited, MaskOptions(method="pixelate")).data
+    bad = {**edited, "faces": [{"box": [1, 2, 3]}]}
+    body, content_type = form(file=("photo.jpg", "image/jpeg", data),
+                              report=("edited.json", "application/json", json.dumps(bad).encode()))
+    status, _, out = stack.request("POST", "/v1/anonymize", body=body, headers={"Content-Type": content_type})
+    error = json.loads(out)
+    assert status == 400 and error["status"] == 400 and "faces[0].box" in error["message"], out
+
+
+def test_api_documents_the_report(stack):
+    status, _, body = stack.request("GET", "/v1/openapi.json")
+    document = json.loads(body)
+    form_schema = document["paths"]["/v1/anonymize"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert "report" in form_schema["schema"]["properties"]
+    assert "report" in document["components"]["schemas"]["JobRequest"]["properties"]
+
+
+def result_of(stack, job_id: str) -> dict:
+    import urllib.request
+    status, _, body = stack.request("GET", f"/v1/jobs/{job_id}/result")
+    assert status == 200, body
+    links = json.loads(body)
+    fetched = {}
+    for kind in ("image_url", "video_url", "report_url"):
+        if links.get(kind):
+            with urllib.request.urlopen(links[kind], timeout=30) as response:
+                fetched[kind] = response.read()
+    return fetched
+
+
+def test_jobs_render_an_edited_report(stack, photo, clip, tmp_path):
+    from stack_client import create_job, wait_for_job
+    data, report = photo
+    edited = {**report, "faces": report["faces"][:3]}
+    photo_job = create_job(stack, "party.jpg", data, report=edited)
+    src, video_report, _ = clip
+    exempt = copy.deepcopy(video_report)
+    exempt["tracks"] = [{"track": t["track"], "exempt": True} for t in video_report["tracks"]]
+    video_job = create_job(stack, "talk.mov", src.read_bytes(), report=exempt)
+    bad = {**exempt, "frames": [{"frame": 10_000, "faces": []}]}
+    bad_job = create_job(stack, "bad.mov", src.read_bytes(), report=bad)
+
+    job = wait_for_job(stack, photo_job)
+    assert job["status"] == "done" and job["faces"] == 3, job
+    got = result_of(stack, photo_job)
+    assert got["image_url"] == review.render_photo(data, edited, source="party.jpg").data
+    assert json.loads(got["report_url"])["masked"] == 3
+
+    job = wait_for_job(stack, video_job)
+    assert job["status"] == "done" and job["faces"] == 0, job
+    got = result_of(stack, video_job)
+    rendered = json.loads(got["report_url"])
+    assert rendered["tracks"] and all(t["exempt"] for t in rendered["tracks"])
+    (tmp_path / "talk.mp4").write_bytes(got["video_url"])
+    a, b = streams(src), streams(tmp_path / "talk.mp4")
+    assert b["frames"] == a["frames"] and b["audio"] == 1 and np.allclose(a["pts"], b["pts"], atol=1e-3)
+
+    job = wait_for_job(stack, bad_job)
+    assert job["status"] == "failed" and "frames[0].frame: 10000 is out of range" in job["error"], job
+    status, _, body = stack.request("POST", "/v1/jobs", {"filename": "a.jpg", "operation": "analyze",
+                                                         "report": edited})
+    assert status == 400 and "report" in json.loads(body)["message"]

@@ -6,17 +6,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-REVIEW_FIELD = "review"
-# An edited report rides in the job record (Redis) and in the job request (API Gateway's
-# payload limit is 10 MB): a video's per-frame faces stay well under this for hours of video.
-MAX_REVIEW_BYTES = 4 * 1024 * 1024
+REVIEW_FIELD = "review"   # the job record's field (at most faceflow.web.api.MAX_REPORT_BYTES)
 
 
-def review_fields(report: dict[str, Any] | None) -> dict[str, str]:
-    """The job record's fields for an edited report (none without one)."""
-    if report is None:
-        return {}
-    return {REVIEW_FIELD: json.dumps(report, separators=(",", ":"))}
+def review_fields(text: str | None) -> dict[str, str]:
+    """The job record's fields for an edited report given as JSON text (none without one)."""
+    return {} if text is None else {REVIEW_FIELD: text}
 
 
 def edited_report(job: dict[str, Any] | None) -> dict[str, Any] | None:
