@@ -2,7 +2,8 @@
 
     POST /v1/jobs                 create a job (a photo or a video; operation anonymize, the
                                   default, or analyze: the JSON report only; optional sensitivity
-                                  and priority, used by the routing): a job id and where to upload,
+                                  and priority, used by the routing; `report`: an edited report
+                                  to render instead of detecting): a job id and where to upload,
                                   one PUT or, for `size` at or above the multipart threshold of
                                   the deployed API, an S3 multipart upload (presigned part URLs)
     GET  /v1/jobs/{id}            status (queued, running, done, failed), stage, route, progress
