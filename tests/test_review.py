@@ -375,3 +375,22 @@ def test_jobs_render_an_edited_report(stack, photo, clip, tmp_path):
     status, _, body = stack.request("POST", "/v1/jobs", {"filename": "a.jpg", "operation": "analyze",
                                                          "report": edited})
     assert status == 400 and "report" in json.loads(body)["message"]
+
+
+def test_a_followed_box_stays_within_first_and_last_frame(astronaut_bgr, no_detector, tmp_path):
+    """MIL alone (no engine: the detector never runs) on a panning clip of a public-domain face;
+    `first_frame` and `last_frame` bound how far the hand-drawn box is followed."""
+    from stack_client import panning_clip
+    src = tmp_path / "pan.mp4"
+    panning_clip(src, astronaut_bgr, side=160, fps=10, frames=30, step=2)
+    box = [52.0, 10.0, 50.0, 60.0]   # the astronaut's face at 160 px, frame 12 (rolled 24 px)
+    box[0] += 24
+    edited = {"width": 160, "height": 160, "frames": [],
+              "manual": [{"frame": 12, "box": box, "first_frame": 5, "last_frame": 20}]}
+    summary = review.render_video(None, src, tmp_path / "out.mp4", edited, report_out=tmp_path / "out.json")
+    rendered = json.loads((tmp_path / "out.json").read_text())
+    covered = [e["frame"] for e in rendered["frames"] if e["faces"]]
+    assert covered == list(range(5, 21)) and summary["followed"] == {"1": 16}
+    for e in rendered["frames"][5:21]:
+        x = e["faces"][0]["box"][0]
+        assert abs(x - (52 + 2 * e["frame"])) < 8, e   # moves with the face, 2 px a frame
