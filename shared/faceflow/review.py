@@ -28,6 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import cv2
@@ -50,6 +51,8 @@ FOLLOW_THRESHOLD = 0.3
 SNAP_IOU = 0.3
 # The followed box stops when less than this share of it is inside the frame.
 MIN_INSIDE = 0.3
+# Frames are followed at most this large (the detectors' default input) when no engine says.
+FOLLOW_SIDE = 640
 
 
 # landmarks pass through as given (Face.to_dict writes them from the attributes then)
@@ -311,7 +314,7 @@ def video_edit(report: dict, width: int, height: int, frame_count: int) -> Video
         first = frame_number(entry.get("first_frame", 0), f"{name}.first_frame")
         last = frame_number(entry.get("last_frame", frame_count - 1), f"{name}.last_frame")
         if not first <= n <= last:
-            raise ReportError(f"{name}: first_frame {first} ≤ frame {n} ≤ last_frame {last} does not hold")
+            raise ReportError(f"{name}: frame {n} must lie within first_frame {first} and last_frame {last}")
         seeds.append(Seed(n, box, next_track, first, last))
         frames.setdefault(n, []).append(Face(box, 1.0, track=next_track, source=MANUAL))
         next_track += 1
@@ -373,7 +376,7 @@ def follow_seeds(engine, src: Path | str, edit: VideoEdit, backward_s: float = B
     if not edit.seeds:
         return
     info = probe(src)
-    side = engine.detector.max_side if engine is not None else 640
+    side = engine.detector.max_side if engine is not None else FOLLOW_SIDE
     layout = Layout.of(*info.display_size, info.rotation, side)
     scale = layout.detect_scale
     detect = (lambda bgr: engine.detect(bgr, FOLLOW_THRESHOLD)) if engine is not None else None
@@ -422,7 +425,7 @@ class _NoDetector:
     """Stands in for the engine in the render pass: the faces come from the report."""
 
     def __init__(self, max_side: int):
-        self.detector = type("Sizes", (), {"max_side": max_side})()
+        self.detector = SimpleNamespace(max_side=max_side)
 
     def detect_batch(self, frames: list, threshold=None) -> list[list[Face]]:
         return [[] for _ in frames]
