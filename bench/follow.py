@@ -84,6 +84,14 @@ def main() -> None:
                 print(f"| {path.name} ({len(frames)} frames) | {name} | {direction} | {len(seeds)} | "
                       f"{statistics.median(counts):.0f} ({min(counts)}-{max(counts)}) | "
                       f"{sum(r[1] for r in runs)}/{len(runs)} | {cpu * 1000:.1f} |", flush=True)
+        # where a follower seeded before the face's last detection stops (a cut, the face gone)
+        last = max(i for i, t in enumerate(truth) if t is not None)
+        if last < len(frames) - 1:
+            seed = max(0, last - 20)
+            follower = review.BoxFollower(frames[seed], truth[seed], None)
+            stop = next((t for t in range(seed + 1, len(frames)) if follower.step(frames[t]) is None), None)
+            print(f"{path.name}: last face detected on frame {last}; MIL seeded on frame {seed} stops "
+                  f"{'at frame ' + str(stop) if stop is not None else 'never'}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
