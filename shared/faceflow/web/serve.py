@@ -236,14 +236,27 @@ class LocalJobs:
                     self.update(job_id, progress={"chunks_done": 0, "chunks_total": 1, "frames_done": done,
                                                   "frames_total": total})
                 from faceflow.video import VideoOptions
-                # the per-frame report is written as the frames go (as `faceflow anonymize --report`)
-                summary = engine.anonymize_file(src, folder / files["video"], options=None,
-                                                video_options=VideoOptions(), report=report_path, progress=progress)
-                faces, report = int(summary.get("faces") or 0), None
+                if record.get("review") is not None:
+                    # an edited report: exactly its faces (faceflow.review), as the split function renders it
+                    from faceflow import review
+                    summary = review.render_video(engine if review.follows(record["review"]) else None, src,
+                                                  folder / files["video"], record["review"], report_out=report_path,
+                                                  progress=progress)
+                    faces, report = int(summary.get("masked") or 0), None
+                else:
+                    # the per-frame report is written as the frames go (as `faceflow anonymize --report`)
+                    summary = engine.anonymize_file(src, folder / files["video"], options=None,
+                                                    video_options=VideoOptions(), report=report_path,
+                                                    progress=progress)
+                    faces, report = int(summary.get("faces") or 0), None
             else:
                 files["image"] = f"{stem}-anonymized{api.upload_suffix(record['filename'])}"
-                report = engine.anonymize_file(src, folder / files["image"])
-                faces = len(report.get("faces", []))
+                if record.get("review") is not None:  # an edited report: exactly its faces
+                    from faceflow import review
+                    report = review.render_photo_file(src, folder / files["image"], record["review"])
+                else:
+                    report = engine.anonymize_file(src, folder / files["image"])
+                faces = report.get("masked", len(report.get("faces", [])))
         except BadInput as exc:
             self._fail(job_id, f"the input cannot be processed: {exc}")
             return
@@ -293,8 +306,13 @@ def add_local_job_routes(app: APIGatewayHttpResolver, jobs: LocalJobs, public_ur
         if request.size is not None and request.size > limit:
             raise ServiceError(413, f"{request.size} bytes is over the limit of {limit}")
         content_type = request.content_type or api.UPLOAD_CONTENT_TYPES[suffix]
-        record = jobs.create(request.filename, content_type, request.operation or "anonymize",
-                             sensitivity=request.sensitivity, priority=request.priority)
+        operation = request.operation or "anonymize"
+        if request.report is not None and operation != "anonymize":  # as the deployed API answers
+            raise BadRequestError("report: an edited report is rendered by an anonymize job, not an analysis")
+        if request.report is not None and len(json.dumps(request.report)) > api.MAX_REPORT_BYTES:
+            raise ServiceError(413, f"report: over the limit of {api.MAX_REPORT_BYTES} bytes of JSON")
+        record = jobs.create(request.filename, content_type, operation, sensitivity=request.sensitivity,
+                             priority=request.priority, review=request.report)
         upload = api.Upload(url=f"{base_url(app, public_url)}/v1/uploads/{record['id']}",
                             headers={"Content-Type": content_type}, expires_in=jobs.limits.url_ttl_s)
         return api.JobCreated(job_id=record["id"], status=QUEUED, upload=upload)

@@ -289,7 +289,18 @@ async function renderPhoto(edited) {
   const fields = { file: state.file };
   if (edited && caps.anonymizeReport) fields.report = JSON.stringify(editedPhotoReport());
   else if (edited) fields.faces = JSON.stringify(editedPhotoReport().faces);
-  const response = await call("POST", "v1/anonymize", { body: form(fields), query: maskQuery() });
+  let response;
+  try {
+    response = await call("POST", "v1/anonymize", { body: form(fields), query: maskQuery() });
+  } catch (err) {
+    if (err.status !== 413 || !edited || !caps.jobReport) throw err;
+    // too large for a direct answer: a job renders the edited report
+    const { links } = await runJob("anonymize", editedPhotoReport());
+    showResultImage(links.image_url, null);
+    showFaces();
+    say(`Done: ${countText(masked.length)} masked. Rendered from the reviewed faces.`);
+    return;
+  }
   const blob = await response.blob();
   const count = response.headers.get("X-Faceflow-Faces");
   showResultImage(URL.createObjectURL(blob), resultName(blob.type));
@@ -357,10 +368,11 @@ function countFrameFaces(report) {
   return (report.frames || []).reduce((n, f) => n + (f.faces || []).length, 0);
 }
 
-async function runJob(operation) {
+async function runJob(operation, report) {
   const file = state.file;
   say(`Creating a job for ${file.name}\u2026`);
   const request = { filename: uploadName(file.name), size: file.size, operation };
+  if (report) request.report = report;
   const source = operation === "swap" ? $("source").files[0] : null;
   if (source) request.source_filename = uploadName(source.name);
   const job = await callJson("POST", "v1/jobs", request);
