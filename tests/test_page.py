@@ -46,7 +46,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from devstack import Stack  # noqa: E402
 from faceflow import review  # noqa: E402
@@ -322,6 +322,26 @@ def test_a_photo_is_anonymised_and_reviewed_in_the_browser(site, browser, shots,
                            pixels(browser, "result-image", faces[1]["box"])) < mean_difference(
         pixels(browser, "original-image", faces[1]["box"]), kept)
     screenshot(browser, shots, f"{site.name}-photo-rerendered", DESKTOP)
+
+
+def test_the_strength_chosen_reaches_the_mask(site, browser):
+    """Strongest and light blur differ inside a face; a strength out of range is the API's 400."""
+    results = []
+    for strength in ("2", "16"):
+        open_page(browser, site.url, site.token)
+        choose(browser, data_path(*PHOTO))
+        Select(browser.find_element(By.ID, "strength")).select_by_value(strength)
+        status = run(browser)
+        assert status.startswith("Done"), status
+        box = page_faces(browser)[0]["box"]
+        results.append(pixels(browser, "result-image", box))
+    assert mean_difference(*results) > 2
+
+
+def test_a_strength_out_of_range_is_a_bad_request(stack):
+    status, _, body = stack.request("POST", "/v1/anonymize?cells=1", body=data_path(*PHOTO).read_bytes(),
+                                    headers={"Content-Type": "image/jpeg"}, user=USER)
+    assert status == 400 and "cells must be between" in json.loads(body)["message"], body
 
 
 def test_a_face_is_swapped_from_a_source_photo(site, browser, shots):

@@ -122,7 +122,7 @@ function offerWhatTheServerDoes(caps) {
   // Strength and swap are offered only where the API has them.
   $("strength").disabled = !caps.anonymizeParams.has("cells");
   $("strength-hint").textContent = caps.anonymizeParams.has("cells")
-    ? "Detail left across a face: 1 is strongest; higher keeps more."
+    ? "How much detail a blurred or pixelated face keeps (photos)."
     : "This server masks at its default strength.";
   const swap = document.querySelector("input[name=operation][value=swap]");
   swap.disabled = !caps.swap;
@@ -441,7 +441,10 @@ async function poll(jobId) {
     if (job.status === "done") return job;
     if (job.status === "failed") throw new Error(`The job failed: ${job.error || "no reason given"}`);
     const progress = job.progress;
-    if (progress && progress.chunks_total) {
+    if (progress && progress.frames_total) {  // one process (faceflow serve) counts frames
+      const part = (progress.frames_done || 0) / progress.frames_total;
+      showProgress(0.5 + 0.5 * part, `${job.status}: frame ${progress.frames_done || 0} of ${progress.frames_total}`);
+    } else if (progress && progress.chunks_total) {
       const part = progress.chunks_done / progress.chunks_total;
       showProgress(0.5 + 0.5 * part, `${job.status}: ${progress.chunks_done} of ${progress.chunks_total} chunks`);
     } else {
@@ -1087,9 +1090,6 @@ function wire() {
   };
   for (const radio of document.querySelectorAll("input[name=operation]")) radio.addEventListener("change", operationChanged);
   operationChanged();
-  const strength = () => { $("strength-value").textContent = $("strength").value; };
-  $("strength").addEventListener("input", strength);
-  strength();
   $("token").addEventListener("change", () => {
     state.capabilities = null;
     capabilities().catch(() => { state.capabilities = null; });
