@@ -45,9 +45,9 @@ AGE_INTERVAL = (0.1, 0.9)     # low/high: these quantiles of the model's own age
 AGE_BRACKETS = ((0, 2), (4, 6), (8, 12), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100))
 GENDER_LABELS = ("female", "male")
 # Below this averaged probability for the likelier class, `gender.value` is null. On the
-# labelled set (README, "Age and gender"; bench/accuracy.py) it withholds 3 of 37 answers,
-# one of which would have been wrong, and lets one wrong answer through (0.83, an elderly
-# man at 44 px); 0.85 would withhold 5, 0.6 would let a second wrong one through.
+# labelled set (README, "Age and gender"; bench/accuracy.py) it withholds 2 of 37 answers,
+# one of which would have been wrong, and lets one wrong answer through (0.81, an elderly
+# man at 44 px); 0.85 would withhold 5, 0.7 would let a second wrong one through.
 GENDER_MIN_CONFIDENCE = 0.75
 
 # MediaPipe face mesh indices of dlib's five points, in dlib's order: image-right eye
@@ -75,7 +75,7 @@ NOSE_BASE_FRACTION = 0.40         # of the way from the nose tip to the mouth's 
 # README, "Age and gender"), age in the labelled range and the age's sd under one chip pixel of
 # landmark noise: one chip 28/37, 2.0 years; plain + mirror 30/37, 2.1; plain + (1,1) 31/37,
 # 1.7; four (plain, mirror, (1,1), (-1,-1)) 31/37, 1.7. Gender at GENDER_MIN_CONFIDENCE, right
-# of answered: plain + mirror 34/35, four 33/34, one chip 34/36, plain + (1,1) 32/33.
+# of answered: plain + mirror 34/35, four 33/34, one chip 33/35.
 # (Chosen among a dozen sets on the same 37 faces: the differences are a face or two.)
 AGE_CHIP_VARIANTS = ((0, 0, False), (1, 1, False))
 GENDER_CHIP_VARIANTS = ((0, 0, False), (0, 0, True))
