@@ -259,18 +259,18 @@ def _tflite_to_onnx(data: bytes):
         inits.append(numpy_helper.from_array(np.ascontiguousarray(array), label))
         return label
 
-    def activation(code, out):
-        """Name the op's raw output; append the fused activation writing `out`."""
+    def with_activation(code, make_node, out):
+        """Append make_node(its output's name), then the op's fused activation writing `out`."""
         if code == tflite.ActivationFunctionType.NONE:
-            return out
-        if code == tflite.ActivationFunctionType.RELU:
-            nodes.append(helper.make_node("Relu", [out + "/pre"], [out]))
+            nodes.append(make_node(out))
+        elif code == tflite.ActivationFunctionType.RELU:
+            nodes.extend([make_node(out + "/pre"), helper.make_node("Relu", [out + "/pre"], [out])])
         elif code == tflite.ActivationFunctionType.RELU6:
-            nodes.append(helper.make_node("Clip", [out + "/pre", const(out + "/lo", np.float32(0)),
-                                                   const(out + "/hi", np.float32(6))], [out]))
+            nodes.extend([make_node(out + "/pre"),
+                          helper.make_node("Clip", [out + "/pre", const(out + "/lo", np.float32(0)),
+                                                    const(out + "/hi", np.float32(6))], [out])])
         else:
             raise ModelError(f"TFLite fused activation {code} is not translated")
-        return out + "/pre"
 
     for k in range(graph.OperatorsLength()):
         op = graph.Operators(k)
@@ -293,8 +293,8 @@ def _tflite_to_onnx(data: bytes):
             if len(ins) > 2 and ins[2] >= 0:
                 conv_in.append(const(name(ins[2]), weights(ins[2])))
             attrs = {"group": shape(ins[0])[3]} if depthwise else {}
-            nodes.append(helper.make_node("Conv", conv_in, [activation(o.FusedActivationFunction(), out)],
-                                          strides=strides, dilations=dilations, pads=pads, **attrs))
+            with_activation(o.FusedActivationFunction(), lambda y: helper.make_node(
+                "Conv", conv_in, [y], strides=strides, dilations=dilations, pads=pads, **attrs), out)
         elif kind == "PRELU":
             # As a x + (1 - a) relu(x): onnxruntime's PRelu broadcasts a per-channel slope
             # element by element (60% of the mesh's time); Mul and Relu are vectorised.
@@ -305,13 +305,14 @@ def _tflite_to_onnx(data: bytes):
                       helper.make_node("Add", [out + "/ax", out + "/rest"], [out])]
         elif kind == "ADD":
             o = options(op, tflite.AddOptions)
-            nodes.append(helper.make_node("Add", [x, name(ins[1])], [activation(o.FusedActivationFunction(), out)]))
+            with_activation(o.FusedActivationFunction(),
+                            lambda y: helper.make_node("Add", [x, name(ins[1])], [y]), out)
         elif kind == "MAX_POOL_2D":
             o = options(op, tflite.Pool2DOptions)
             kernel, strides = [o.FilterHeight(), o.FilterWidth()], [o.StrideH(), o.StrideW()]
             pads = same_pads(shape(ins[0])[1:3], kernel, strides) if o.Padding() == tflite.Padding.SAME else [0] * 4
-            nodes.append(helper.make_node("MaxPool", [x], [activation(o.FusedActivationFunction(), out)],
-                                          kernel_shape=kernel, strides=strides, pads=pads))
+            with_activation(o.FusedActivationFunction(), lambda y: helper.make_node(
+                "MaxPool", [x], [y], kernel_shape=kernel, strides=strides, pads=pads), out)
         elif kind == "PAD":
             nhwc = weights(ins[1], np.int32)          # [[before, after]] per NHWC axis
             nchw = nhwc[[0, 3, 1, 2]]
