@@ -90,7 +90,8 @@ class InswapperSwapper:
         options = runtime.session_options(threads)
         self.swapper = model_zoo.get_model(str(swapper_path), providers=chosen, sess_options=options)
         self.recognition = model_zoo.get_model(str(recognition_path), providers=chosen, sess_options=options)
-        if not isinstance(self.swapper, model_zoo.INSwapper):
+        from insightface.model_zoo.inswapper import INSwapper  # not re-exported by model_zoo
+        if not isinstance(self.swapper, INSwapper):
             raise bundle.ModelError(f"{swapper_path} is not an INSwapper graph "
                                     f"(insightface read it as {type(self.swapper).__name__})")
         if not isinstance(self.recognition, model_zoo.ArcFaceONNX):
