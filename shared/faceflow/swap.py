@@ -226,11 +226,11 @@ class Swap:
             steps = self._frame - state.frame if state.frame >= 0 else 1
             points = state.filter(mesh, face.size, steps) if self.smooth else mesh
             if state.frame >= 0 and state.opacity < 1.0:
-                state.opacity = min(1.0, state.opacity + 1.0 / FADE_FRAMES)
+                state.opacity = min(1.0, round(state.opacity + 1.0 / FADE_FRAMES, 6))
             state.points, state.centre, state.frame = points, centre, self._frame
             return points, state.opacity
         # lost by the detector: the last points, moved with the tracker's box, fading out
-        state.opacity = max(0.0, state.opacity - 1.0 / FADE_FRAMES)
+        state.opacity = max(0.0, round(state.opacity - 1.0 / FADE_FRAMES, 6))  # 0 after FADE_FRAMES
         if state.points is None or state.opacity <= 0:
             return None, 0.0
         shift = np.subtract(centre, state.centre).astype(np.float32)
