@@ -123,7 +123,7 @@ def test_fade_and_smoothing_state_per_track(astronaut_bgr):
         def meshes(self, bgr, faces):
             return [np.full((468, 2), f.box[0], np.float32) for f in faces]
 
-        def paste(self, bgr, source, points, opacity):
+        def paste(self, bgr, source, points, opacity, still):
             self.pasted.append((float(points[0, 0]), opacity))
             return True
 

@@ -205,7 +205,7 @@ class Swap:
         for face in faces:
             points, opacity = self._points(face, meshes.get(id(face)))
             pasted = points is not None and opacity > 0 and \
-                self.swapper.paste(bgr, self.source, points, opacity)
+                self.swapper.paste(bgr, self.source, points, opacity, still=face.track is None)
             out[id(face)] = {"swapped": bool(pasted), "opacity": round(opacity, 3) if pasted else 0.0}
             if not pasted and face.source != DETECTED:
                 out[id(face)]["reason"] = "not detected"
