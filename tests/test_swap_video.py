@@ -177,3 +177,61 @@ def test_real_video_keeps_frames_timing_audio_and_is_marked(engine, tmp_path):
     assert metadata[synthetic.DIGITAL_SOURCE_TYPE_TAG] == synthetic.COMPOSITE_SYNTHETIC
     (track,) = summary["swapped_tracks"]
     assert track["frames_swapped"] >= 460
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
+def test_swapping_on_the_planes_matches_swapping_in_bgr(engine, astronaut_bgr, pix_fmt):
+    """The video path converts only the region around the faces; the result is the full-frame
+    BGR path's up to conversion rounding, and no pixel away from the face changes."""
+    from faceflow.pipeline import Layout
+    source = cv2.imencode(".jpg", cv2.flip(astronaut_bgr, 1))[1].tobytes()
+    # odd sizes are written in 4:4:4; 510 rows: chroma planes that do not fill whole rows
+    image = np.ascontiguousarray(astronaut_bgr[:511, :511] if pix_fmt == "yuv444p" else astronaut_bgr[:510, :])
+    layout = Layout.of(image.shape[1], image.shape[0], 0, 640)
+    assert layout.pix_fmt == pix_fmt
+    data = av.VideoFrame.from_ndarray(image, format="bgr24").reformat(format=layout.pix_fmt).to_ndarray()
+    faces = engine.detect(image)
+    for face in faces:
+        face.track = 1
+    on_planes, in_bgr = engine.swap_operation(source), engine.swap_operation(source)
+    planes_data = data.copy()
+    on_planes.apply_planes(layout.planes(planes_data), layout.subsampling, faces)
+    bgr = av.VideoFrame.from_ndarray(data, format=layout.pix_fmt).to_ndarray(format="bgr24")
+    expected = in_bgr.apply(bgr.copy(), [Face(box=f.box, score=f.score, landmarks=f.landmarks, track=1)
+                                        for f in faces])
+    got = av.VideoFrame.from_ndarray(planes_data, format=layout.pix_fmt).to_ndarray(format="bgr24")
+    x, y, w, h = (int(v) for v in faces[0].box)
+    face_area = np.s_[y:y + h, x:x + w]
+    assert np.abs(got[face_area].astype(int) - bgr[face_area].astype(int)).mean() > 6   # swapped
+    assert np.abs(got[face_area].astype(int) - expected[face_area].astype(int)).mean() < 1.5
+    y_before, y_after = layout.planes(data)[0], layout.planes(planes_data)[0]
+    far = np.ones(y_before.shape, bool)
+    far[max(0, y - h):y + 2 * h, max(0, x - w):x + 2 * w] = False
+    assert np.array_equal(y_before[far], y_after[far])
+
+
+def test_frames_whose_height_is_4k_plus_2_are_processed(engine, tmp_path, astronaut_bgr):
+    """A 4:2:0 frame 270 or 510 rows high: its chroma planes do not fill whole rows of the
+    decoder's array (was: "cannot reshape array" from pipeline.Layout.planes, for anonymize
+    and swap alike)."""
+    from faceflow.pipeline import Layout
+    data = av.VideoFrame.from_ndarray(np.zeros((510, 512, 3), np.uint8), format="bgr24") \
+        .reformat(format="yuv420p").to_ndarray()
+    planes = Layout.of(512, 510, 0, 640).planes(data)
+    assert [p.shape for p in planes] == [(510, 512), (255, 256), (255, 256)]
+    planes[2][-1, -1] = 7
+    assert data.reshape(-1)[-1] == 7  # views: operations write into the frame
+    src = tmp_path / "in.mp4"
+    with av.open(str(src), "w") as out:
+        s = out.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 480, 270, "yuv420p"
+        for i in range(4):
+            frame = av.VideoFrame.from_ndarray(cv2.resize(astronaut_bgr, (480, 270)), format="bgr24")
+            frame.pts = i
+            out.mux(s.encode(frame))
+        out.mux(s.encode())
+    summary = engine.anonymize_file(src, tmp_path / "anonymized.mp4")
+    assert summary["frames"] == 4 and summary["faces"] == 4
+    source = cv2.imencode(".jpg", astronaut_bgr)[1].tobytes()
+    summary = engine.swap_file(src, tmp_path / "swapped.mp4", source)
+    assert summary["frames"] == 4 and summary["swapped_tracks"][0]["frames_swapped"] == 4
