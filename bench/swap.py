@@ -20,6 +20,7 @@ What is measured, with the default (landmark) engine:
             the source's and to the original face's (bench/identity.py); the share "moved" is
             the share of faces nearer the source than their original: of all faces, of the
             frontal ones, and of the frontal ones from IDENTITY_MIN_FACE px wide (the target).
+            Both blends (feather, poisson) are measured; the engine uses PHOTO_BLEND.
   seam      For each photo and each blend (feather, poisson): the changed region (output
             written as PNG, compared with the input), the 5 px band on its edge, the mean
             gradient magnitude there over the original's (1.0: no visible edge; a hard paste
@@ -117,23 +118,47 @@ def strip(images: list[np.ndarray], height: int = 360) -> np.ndarray:
     return np.hstack(scaled)
 
 
+def identity_figures(pairs: list[dict], srcs: dict[str, Path]) -> tuple[dict, list[dict]]:
+    """dlib's distances for each swapped face (bench/identity.py, in its own environment)."""
+    rows = []
+    for name, source in srcs.items():
+        mine = [p for p in pairs if p["source"] == name]
+        got = subprocess.run([str(IDENTITY_PYTHON), str(ROOT / "bench" / "identity.py")],
+                             input=json.dumps({"source": str(source), "pairs": mine}), capture_output=True,
+                             text=True, check=True, env={**os.environ, "PYTHONPATH": ""})
+        rows += [{**p, **r} for p, r in zip(mine, json.loads(got.stdout)["pairs"])]
+    measured = [r for r in rows if r["to_source"] is not None]
+
+    def moved(subset):
+        return round(float(np.mean([r["to_source"] < r["to_original"] for r in subset])), 3) if subset else None
+    front = [r for r in measured if r["frontal"]]
+    sized = [r for r in front if r["box"][2] >= IDENTITY_MIN_FACE]
+    return {"faces": len(measured), "moved_all": moved(measured),
+            "frontal_faces": len(front), "moved_frontal": moved(front),
+            f"frontal_faces_from_{IDENTITY_MIN_FACE}px": len(sized),
+            f"moved_frontal_from_{IDENTITY_MIN_FACE}px": moved(sized),
+            "median_to_source": round(statistics.median(r["to_source"] for r in measured), 3),
+            "median_to_original": round(statistics.median(r["to_original"] for r in measured), 3),
+            "median_apart": round(statistics.median(r["apart"] for r in measured), 3)}, rows
+
+
 def photos(engine, out: Path, identity: bool) -> dict:
-    from faceflow.landmarkswap import PHOTO_BLEND, LandmarkSwapper
+    from faceflow.face import Face
+    from faceflow.landmarkswap import BLENDS, PHOTO_BLEND, LandmarkSwapper
     from faceflow.swap import SwapOptions
-    results = {"seam": {}, "far_change_max": 0, "identity": None}
-    pairs, frontal_flags = [], []
+    results = {"seam": {}, "far_change_max": 0, "identity": {}}
     srcs = sources(out)
     mesh = engine.swapper("landmark").mesh
-    for blend in ("feather", "poisson"):
+    frontal_by_face: dict[tuple, bool] = {}
+    for blend in BLENDS:
         engine._swappers["landmark"] = LandmarkSwapper(blend=blend, mesh=mesh)
-        ratios = []
+        ratios, pairs = [], []
         for name, source in srcs.items():
             prepared = engine.swap_operation(source.read_bytes(), SwapOptions())
             for target in targets():
                 if target == source:
                     continue
-                data = target.read_bytes()
-                result = engine.swap_bytes(data, prepared, out_format="PNG")
+                result = engine.swap_bytes(target.read_bytes(), prepared, out_format="PNG")
                 before = cv2.imread(str(target), cv2.IMREAD_COLOR)
                 after = cv2.imdecode(np.frombuffer(result.data, np.uint8), cv2.IMREAD_COLOR)
                 ratio = seam_ratio(before, after)
@@ -141,44 +166,24 @@ def photos(engine, out: Path, identity: bool) -> dict:
                     ratios.append(ratio)
                 results["far_change_max"] = max(results["far_change_max"],
                                                 far_change(before, after, result.report["faces"]))
+                stem = f"{target.stem}__{name}"
+                after_path = out / f"{stem}__{blend}.png"
+                after_path.write_bytes(result.data)
                 if blend == PHOTO_BLEND:
-                    stem = f"{target.stem}__{name}"
-                    after_path = out / f"{stem}.png"
-                    after_path.write_bytes(result.data)
                     cv2.imwrite(str(out / f"strip_{stem}.jpg"), strip([before, after]))
-                    faces = [f for f in result.report["faces"] if f["swap"]["swapped"]]
-                    from faceflow.face import Face
-                    flags = frontal(engine, before, [Face.from_dict(f) for f in faces])
-                    for f, is_frontal in zip(faces, flags):
-                        pairs.append({"before": str(target), "after": str(after_path), "box": f["box"],
-                                      "source": name, "target": target.name})
-                        frontal_flags.append(is_frontal)
+                faces = [f for f in result.report["faces"] if f["swap"]["swapped"]]
+                for f in faces:
+                    key = (target.name, tuple(f["box"]))
+                    if key not in frontal_by_face:
+                        frontal_by_face[key] = frontal(engine, before, [Face.from_dict(f)])[0]
+                    pairs.append({"before": str(target), "after": str(after_path), "box": f["box"],
+                                  "source": name, "target": target.name, "frontal": frontal_by_face[key]})
         results["seam"][blend] = {"photos": len(ratios), "median": round(statistics.median(ratios), 3),
                                   "max": round(max(ratios), 3)}
+        if identity:
+            results["identity"][blend], rows = identity_figures(pairs, srcs)
+            (out / f"identity_{blend}.json").write_text(json.dumps(rows, indent=1))
     engine._swappers.pop("landmark")
-    if identity:
-        rows = []
-        for name, source in srcs.items():
-            mine = [p for p in pairs if p["source"] == name]
-            request = {"source": str(source), "pairs": mine}
-            got = subprocess.run([str(IDENTITY_PYTHON), str(ROOT / "bench" / "identity.py")],
-                                 input=json.dumps(request), capture_output=True, text=True, check=True,
-                                 env={**os.environ, "PYTHONPATH": ""})
-            rows += json.loads(got.stdout)["pairs"]
-        measured = [(r, f, p) for r, f, p in zip(rows, frontal_flags, pairs) if r["to_source"] is not None]
-        front = [r for r, f, _ in measured if f]
-        sized = [r for r, f, p in measured if f and p["box"][2] >= IDENTITY_MIN_FACE]
-        results["identity"] = {
-            "faces": len(measured), "moved_all": round(np.mean([r["to_source"] < r["to_original"] for r, _, _ in measured]), 3),
-            "frontal_faces": len(front),
-            "moved_frontal": round(np.mean([r["to_source"] < r["to_original"] for r in front]), 3) if front else None,
-            f"frontal_faces_from_{IDENTITY_MIN_FACE}px": len(sized),
-            f"moved_frontal_from_{IDENTITY_MIN_FACE}px": round(np.mean([r["to_source"] < r["to_original"] for r in sized]), 3) if sized else None,
-            "median_to_source": round(statistics.median(r["to_source"] for r, _, _ in measured), 3),
-            "median_to_original": round(statistics.median(r["to_original"] for r, _, _ in measured), 3),
-            "median_apart": round(statistics.median(r["apart"] for r, _, _ in measured), 3)}
-        (out / "identity.json").write_text(json.dumps(
-            [{**p, **r, "frontal": f} for p, r, f in zip(pairs, rows, frontal_flags)], indent=1))
     return results
 
 
