@@ -142,7 +142,7 @@ def identity_figures(pairs: list[dict], srcs: dict[str, Path]) -> tuple[dict, li
             "median_apart": round(statistics.median(r["apart"] for r in measured), 3)}, rows
 
 
-def photos(engine, out: Path, identity: bool) -> dict:
+def photos(engine, out: Path, identity: bool, blends=None) -> dict:
     from faceflow.face import Face
     from faceflow.landmarkswap import BLENDS, PHOTO_BLEND, LandmarkSwapper
     from faceflow.swap import SwapOptions
@@ -150,7 +150,7 @@ def photos(engine, out: Path, identity: bool) -> dict:
     srcs = sources(out)
     mesh = engine.swapper("landmark").mesh
     frontal_by_face: dict[tuple, bool] = {}
-    for blend in BLENDS:
+    for blend in blends or BLENDS:
         engine._swappers["landmark"] = LandmarkSwapper(blend=blend, mesh=mesh)
         ratios, pairs = [], []
         for name, source in srcs.items():
@@ -281,6 +281,7 @@ def main() -> int:
     ap.add_argument("--skip-identity", action="store_true")
     ap.add_argument("--skip-video", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--blend", action="append", help="measure only this blend (repeatable; default all)")
     args = ap.parse_args()
     out = Path(args.out)
     if ROOT in out.resolve().parents or out.resolve() == ROOT:
@@ -294,7 +295,7 @@ def main() -> int:
     if not args.skip_identity and not identity:
         print(f"identity left out: {IDENTITY_PYTHON} is absent (see this script's docstring)", file=sys.stderr)
     report = {"load_average": os.getloadavg(), "cpus": os.cpu_count()}
-    report["photos"] = photos(engine, out, identity)
+    report["photos"] = photos(engine, out, identity, args.blend)
     print(json.dumps(report["photos"], indent=1), flush=True)
     if not args.skip_video:
         report["video"] = video(engine, out, sources(out)["astronaut"])

@@ -50,6 +50,11 @@ BLENDS = ("feather", "poisson")
 # that dlib's model finds nearer the source fell from 81 % to 58 %. Poisson stays for
 # comparison; on video it would also flicker as its boundary changes from frame to frame.
 PHOTO_BLEND, VIDEO_BLEND = "feather", "feather"
+# How far the inner face (eyes, nose, mouth, brows) moves towards the source's proportions,
+# 0 to 1, falling to nothing at the face's outline (which stays the target's, so the mask's
+# edge meets the target's own contour): the placement of the features is much of what makes a
+# face someone's.
+SHAPE_MORPH = 0.6
 # Maps and masks are computed with the face about this many pixels across (see paste).
 WORK_SIZE = 160
 
@@ -145,7 +150,7 @@ class LandmarkSwapper:
         roi = bgr[y0:y1, x0:x1]
         step = max(1, int(size // WORK_SIZE))
         grid = Grid(roi.shape[:2], step)
-        map_x, map_y, valid = warp_maps(source, local, grid)
+        map_x, map_y, valid = warp_maps(source, toward_source(local, source, size), grid)
         mask = face_mask(grid.to_grid(local), grid.shape, size / step, source.eyes_closed,
                          _eyes_closed(points), valid)
         if not mask.any():
@@ -173,6 +178,23 @@ class LandmarkSwapper:
         a = alpha[area]
         roi[area] = cv2.blendLinear(warped, roi[area], a, 1.0 - a)
         return True
+
+
+def toward_source(points: np.ndarray, source: LandmarkSource, size: float,
+                  amount: float = SHAPE_MORPH) -> np.ndarray:
+    """The target's mesh with its inner points moved `amount` of the way to where the source's
+    would lie (the source mesh fitted onto the target's outline by a similarity transform),
+    less with nearness to the outline: none on it, all from a quarter of the face size in."""
+    if amount <= 0:
+        return points
+    oval = list(FACE_OVAL)
+    fit, _ = cv2.estimateAffinePartial2D(source.points[oval], points[oval], method=cv2.LMEDS)
+    if fit is None:
+        return points
+    aligned = source.points @ fit[:, :2].T + fit[:, 2]
+    to_outline = np.sqrt(((points[:, None, :] - points[None, oval, :]) ** 2).sum(-1)).min(1)
+    weight = amount * np.clip(to_outline / (0.25 * size), 0.0, 1.0)
+    return (points + weight[:, None] * (aligned - points)).astype(np.float32)
 
 
 @dataclass(frozen=True)
