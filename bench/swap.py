@@ -188,18 +188,30 @@ def photos(engine, out: Path, identity: bool, blends=None) -> dict:
 
 
 class Recording:
-    """Wraps the landmark engine to keep the points each frame was pasted on, and at what
-    opacity."""
+    """Wraps the landmark engine to keep the points each frame was pasted on (in the frame's
+    pixels: the video path pastes on a region whose corner is the operation's `offset`), and
+    at what opacity."""
 
     def __init__(self, swapper):
-        self.swapper, self.pasted = swapper, []
+        self.swapper, self.pasted, self.offset = swapper, [], np.zeros(2, np.float32)
 
     def __getattr__(self, name):
         return getattr(self.swapper, name)
 
     def paste(self, bgr, source, points, opacity=1.0, still=True):
-        self.pasted.append((points.copy(), opacity))
+        self.pasted.append((points + self.offset, opacity))
         return self.swapper.paste(bgr, source, points, opacity, still)
+
+
+def recording_swap(recorder: Recording, prepared, fps: float, smooth: bool):
+    """A Swap that tells the recorder where each frame's region lies."""
+    from faceflow.swap import Swap
+
+    class RecordingSwap(Swap):
+        def _apply(self, bgr, faces, offset=(0, 0)):
+            recorder.offset = np.float32(offset)
+            super()._apply(bgr, faces, offset)
+    return RecordingSwap(recorder, prepared.source, prepared.options, fps=fps, smooth=smooth)
 
 
 def jitter(points: list[np.ndarray]) -> float:
@@ -209,7 +221,7 @@ def jitter(points: list[np.ndarray]) -> float:
 
 
 def video(engine, out: Path, source: Path) -> dict:
-    from faceflow.swap import Swap, SwapOptions
+    from faceflow.swap import SwapOptions
     from faceflow.video import probe, swap_video
     clip = DATA / "video" / "pyfeat_WolfgangLanger_Pexels.mp4"
     fps = probe(clip).fps
@@ -217,7 +229,7 @@ def video(engine, out: Path, source: Path) -> dict:
     results = {}
     for smooth in (True, False):
         recorder = Recording(prepared.swapper)
-        operation = Swap(recorder, prepared.source, prepared.options, fps=fps, smooth=smooth)
+        operation = recording_swap(recorder, prepared, fps, smooth)
         dst = out / f"pexels_swap_{'smooth' if smooth else 'raw'}.mp4"
         summary = swap_video(engine, clip, dst, operation)
         pasted = recorder.pasted

@@ -32,6 +32,9 @@ from .smoothing import OneEuroFilter
 
 ENGINES = ("landmark", "inswapper")
 DEFAULT_ENGINE = "landmark"
+# A source photo is decoded reduced down to this longer side at most (a 12-megapixel phone photo
+# by half): its face keeps far more pixels than any target face needs, in a quarter the memory.
+SOURCE_MIN_SIDE = 1600
 # Frames over which a lost face's paste fades out, and a found one's fades back in.
 FADE_FRAMES = 5
 
