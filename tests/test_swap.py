@@ -8,7 +8,6 @@ import io
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import cv2
 import numpy as np
