@@ -1,6 +1,7 @@
 """Face swap: identity moved, seams, stability on video, speed; before/after strips to look at.
 
-    python bench/swap.py [--out DIR] [--skip-identity] [--skip-video] [--skip-speed]
+    python bench/swap.py [--out DIR] [--skip-photos] [--skip-identity] [--skip-video] [--skip-speed]
+                         [--blend feather|poisson]
 
 Needs ../shared/data beside the checkout. The identity check runs dlib's face recognition
 ResNet (a model faceflow does not use) in a bench-only environment, made once with
@@ -290,6 +291,7 @@ def speed(engine, out: Path, source: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/faceflow-swap-bench", help="output folder (outside the repository)")
+    ap.add_argument("--skip-photos", action="store_true", help="leave out identity and seams")
     ap.add_argument("--skip-identity", action="store_true")
     ap.add_argument("--skip-video", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
@@ -307,8 +309,9 @@ def main() -> int:
     if not args.skip_identity and not identity:
         print(f"identity left out: {IDENTITY_PYTHON} is absent (see this script's docstring)", file=sys.stderr)
     report = {"load_average": os.getloadavg(), "cpus": os.cpu_count()}
-    report["photos"] = photos(engine, out, identity, args.blend)
-    print(json.dumps(report["photos"], indent=1), flush=True)
+    if not args.skip_photos:
+        report["photos"] = photos(engine, out, identity, args.blend)
+        print(json.dumps(report["photos"], indent=1), flush=True)
     if not args.skip_video:
         report["video"] = video(engine, out, sources(out)["astronaut"])
         print(json.dumps(report["video"], indent=1), flush=True)
