@@ -581,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     server, worker = make_server(config)
     # Listen at once (SageMaker pings from the start); /ping says 200 once the engine is in.
     threading.Thread(target=worker.load, name="load-engine", daemon=True).start()
+    from .stream_server import start as start_streams
+    streams = start_streams(worker, config.host)  # real-time streams over gRPC, on the same engine
 
     def stop(signum, _frame):
         logger.info("stopping", extra={"signal": signum})
@@ -593,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         server.serve_forever()
     finally:
         server.server_close()
+        if streams is not None:
+            streams.stop(grace=5).wait()
     return 0
 
 

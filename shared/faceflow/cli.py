@@ -1,4 +1,4 @@
-"""The `faceflow` command: anonymize, analyze, models."""
+"""The `faceflow` command: anonymize, analyze, stream, models."""
 from __future__ import annotations
 
 import argparse
@@ -147,6 +147,20 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_stream(args) -> int:
+    import asyncio
+
+    from .streamclient import play
+    try:
+        stats = play(args.input, args.to, output=args.output, fps=args.fps, return_frames=args.return_frames,
+                     limit=args.frames, window=args.window, binary=args.binary, quality=args.quality)
+    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+        print(f"faceflow: cannot stream to {args.to}: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(stats.to_dict()) if args.json else stats.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="faceflow", description="Find and anonymise faces in photos and videos.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -194,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--force", action="store_true", help="with --csv: redo files already in the CSV")
     engine_options(z)
     z.set_defaults(func=cmd_analyze)
+
+    s = sub.add_parser("stream", help="play a video as a live stream to a server; print latency and drops")
+    s.add_argument("input", help="video file, played at its frame rate")
+    s.add_argument("--to", required=True, help="ws://HOST:PORT/v1/stream (faceflow serve), wss://... (the "
+                                               "deployed WebSocket API) or grpc://HOST:PORT (the GPU container)")
+    s.add_argument("-o", "--output", default=None, help="write the anonymised frames that come back as a video")
+    s.add_argument("--fps", type=float, default=None, help="frames per second to send (default: the video's)")
+    s.add_argument("--return-frames", action="store_true", help="ask for the anonymised frames (implied by -o)")
+    s.add_argument("--frames", type=int, default=None, help="play only the first N frames")
+    s.add_argument("--window", type=int, default=4, help="frames in flight at most; later ones are dropped")
+    s.add_argument("--quality", type=int, default=80, help="JPEG quality of the frames sent and returned")
+    s.add_argument("--binary", action="store_true", help="binary WebSocket messages (faceflow serve only)")
+    s.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    s.set_defaults(func=cmd_stream)
 
     m = sub.add_parser("models", help="fetch, verify or list the model bundle")
     m.add_argument("action", choices=["fetch", "verify", "list"])
