@@ -50,6 +50,7 @@ DEFAULT_WINDOW = 4          # frames in flight at most
 FINAL_WAIT_S = 10.0         # how long the replies to the last frames are waited for
 MIN_SIDE = 64               # a frame is never reduced below this to fit the JPEG limit
 PREPARED_AHEAD = 8          # frames decoded and encoded ahead of their time
+UNREPORTED = "unreported"   # a frame the server dropped without a reply (see receive())
 
 
 @dataclass
@@ -442,6 +443,13 @@ async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = st
             if kind == stream.RESULT:
                 if sent_at is None:
                     continue  # a second answer to one frame: counted once
+                # Frames are done in order: earlier ones still in flight were dropped and
+                # their drop replies not sent (the server's outbox was full).
+                for earlier in sorted(s for s in in_flight if s < seq):
+                    del in_flight[earlier]
+                    stats.server_dropped += 1
+                    stats.drop_reasons[UNREPORTED] = stats.drop_reasons.get(UNREPORTED, 0) + 1
+                    settle(earlier, None)
                 stats.done += 1
                 stats.faces += len(reply.get("faces", ()))
                 stats.latencies_ms.append((now - sent_at) * 1000)

@@ -18,9 +18,11 @@ StreamProcessor; this module only schedules it.
 Backpressure, on the server's side: a stream has at most `depth` frames admitted and not yet
 answered. A frame arriving beyond that pushes out the oldest frame still waiting for the
 detector (for live video the newest frame is worth more), which is answered as a drop
-("backlog"); a reply the transport's outbox has no room for (a client that does not read) is
+("backlog"); a result the transport's outbox has no room for (a client that does not read) is
 dropped too ("stale"). Either way the stream's state counts it and every later reply carries
-the total (`dropped`). Nothing waits in a queue without bound, so latency cannot grow.
+the total (`dropped`); a drop reply that finds no room is not sent (its frame is counted
+already). Frames are done in order, so a result also settles every earlier frame of the stream.
+Nothing waits in a queue without bound, so latency cannot grow.
 
 Two threads share the work (onnxruntime and OpenCV release the GIL, so they overlap): one
 decodes the waiting frames of all streams, one of each stream in turn, and runs the detector on
@@ -41,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .face import Face
-from .stream import (BACKLOG, DROP_REASONS, STALE, FrameMessage, ProtocolError, StreamOptions,
+from .stream import (BACKLOG, DROP_REASONS, RESULT, STALE, FrameMessage, ProtocolError, StreamOptions,
                      StreamProcessor, encode_frame, parse_message)
 
 logger = logging.getLogger(__name__)
@@ -186,9 +188,9 @@ class HubStream:
                 state = self.state if self.state is not None else processor.new_state()
                 outcome = step(state)
                 self.state = outcome.state
-                if not self.deliver(outcome.reply):
-                    seq = outcome.reply.get("seq")
-                    self.state = processor.drop(self.state, seq, STALE).state
+                if not self.deliver(outcome.reply) and outcome.reply.get("type") == RESULT:
+                    # (A drop or an error that finds no room is counted already.)
+                    self.state = processor.drop(self.state, outcome.reply.get("seq"), STALE).state
         finally:
             if slot:
                 with self.hub._cond:
