@@ -268,6 +268,7 @@ class Stats:
     server_drop_total: int = 0      # the server's own count (the latest reply's `dropped`)
     refused: int = 0                # "error" replies
     unanswered: int = 0             # sent, no reply by the end
+    max_in_flight: int = 0          # the most frames sent and not yet answered at once
     faces: int = 0                  # faces in the results
     latencies_ms: list[float] = field(default_factory=list)
     drop_reasons: dict[str, int] = field(default_factory=dict)
@@ -497,6 +498,7 @@ async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = st
             else:
                 now = loop.time()
                 in_flight[seq] = now
+                stats.max_in_flight = max(stats.max_in_flight, len(in_flight))
                 stats.first_send = now if stats.first_send is None else stats.first_send
                 await link.send(stream.FrameMessage(seq, seq / fps, frame.jpeg, return_frames, method, quality, fps))
                 stats.sent += 1

@@ -1,0 +1,203 @@
+"""`faceflow stream` (faceflow.streamclient) against `faceflow serve`'s WebSocket route
+(faceflow.streamroute) and the gRPC service, over loopback: the video written back has every
+frame, masked; backpressure drops frames on both sides instead of queueing them; refusals are
+clear."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("aiohttp", reason="aiohttp not installed: pip install -e '.[stream]'")
+pytest.importorskip("websockets", reason="websockets not installed: pip install -e '.[stream]'")
+
+from conftest import run_cli  # noqa: E402
+from stream_scene import (SlowEngine, count_frames, face_changed, face_of, jpeg, scene_frame,  # noqa: E402
+                          write_clip)
+
+from faceflow import stream  # noqa: E402
+from faceflow.images import BadInput  # noqa: E402
+from faceflow.streamclient import encode_jpeg, play, play_async, read_frames  # noqa: E402
+
+CLIP_FRAMES = 30
+
+
+@pytest.fixture(scope="module")
+def face(astronaut_bgr):
+    return face_of(astronaut_bgr)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, face):
+    return write_clip(tmp_path_factory.mktemp("clip") / "scene.mp4", face, CLIP_FRAMES)
+
+
+class Serve:
+    """serve's stream route on an aiohttp app of its own, in a thread, on a free loopback port."""
+
+    def __init__(self, engine, depth: int = 2):
+        from aiohttp import web
+
+        from faceflow.streamroute import add_stream_route
+        self.app = web.Application()
+        add_stream_route(self.app, engine, depth=depth)
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.started.wait(30), "the route did not start"
+
+    def _run(self):
+        from aiohttp import web
+        asyncio.set_event_loop(self.loop)
+        self.runner = web.AppRunner(self.app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.started.set()
+        self.loop.run_forever()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def serve(engine):
+    server = Serve(engine)
+    yield server
+    server.stop()
+
+
+def test_encoded_frames_fit_the_protocol():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (2160, 3840, 3), np.uint8)  # 4K noise: no JPEG of it is small
+    frame = encode_jpeg(noise)
+    assert len(frame.jpeg) <= stream.MAX_JPEG_BYTES
+    assert frame.width * frame.height <= stream.MAX_FRAME_PIXELS
+    assert cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (frame.height,
+                                                                                          frame.width)
+    small = encode_jpeg(np.full((360, 640, 3), 90, np.uint8))
+    assert (small.width, small.height) == (640, 360), "a frame that fits is sent as it is"
+    with pytest.raises(BadInput, match="does not fit"):
+        encode_jpeg(noise[:200, :200], max_bytes=100)
+
+
+def test_played_through_serve_writes_every_frame_masked(serve, clip, tmp_path, face):
+    out = tmp_path / "out.mp4"
+    stats = play(clip, serve.url, output=out, fps=25)
+    assert stats.frames == CLIP_FRAMES and stats.unanswered == 0 and stats.refused == 0
+    assert stats.done + stats.dropped == CLIP_FRAMES
+    assert stats.done >= CLIP_FRAMES // 2 and len(stats.latencies_ms) == stats.done
+    assert stats.faces >= stats.done, "the face is in every result"
+    assert count_frames(out) == CLIP_FRAMES, "one frame written per frame played"
+    assert not list(tmp_path.glob(".*part*")), "no temporary file left"
+    import av
+    with av.open(str(out)) as container:
+        written = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    for i in (CLIP_FRAMES // 2, CLIP_FRAMES - 1):
+        x = 200 + 2 * i
+        box = (x + 40, 130, 100, 110)  # inside the face
+        assert face_changed(scene_frame(face, i), written[i], box) > 0.5, f"frame {i} is not masked"
+
+
+def test_binary_messages_and_faces_only(serve, clip):
+    stats = play(clip, serve.url, fps=25, binary=True, limit=10)
+    assert stats.frames == 10 and stats.done + stats.dropped == 10 and stats.refused == 0
+    assert stats.faces >= stats.done
+
+
+def test_client_backpressure_drops_instead_of_queueing(engine, clip):
+    """A server that cannot keep up (its detector held back): the client keeps at most
+    `window` frames in flight and drops the rest, the server drops what it cannot take; every
+    frame is accounted for and none waits unanswered at the end."""
+    slow = Serve(SlowEngine(engine, 0.2), depth=1)
+    try:
+        frames = list(read_frames(clip))
+        async def run():
+            return await play_async(frames, slow.url, fps=50, window=2)
+
+        stats = asyncio.run(run())
+    finally:
+        slow.stop()
+    assert stats.frames == CLIP_FRAMES
+    assert stats.client_dropped > 0, "the client drops what it cannot send"
+    assert stats.sent == CLIP_FRAMES - stats.client_dropped
+    assert stats.done + stats.dropped + stats.refused + stats.unanswered == CLIP_FRAMES
+    assert stats.unanswered == 0
+    assert stats.max_in_flight == 2, "never more than the window in flight"
+    assert stats.server_dropped > 0 and stats.drop_reasons.get("backlog", 0) > 0, \
+        "the server drops what it cannot take (depth 1, window 2)"
+
+
+def test_frames_the_protocol_refuses_are_answered_clearly(serve, face):
+    """A raw client: an oversized frame, a malformed message and a non-JPEG each get an error
+    reply naming the problem; the connection stays usable."""
+    import websockets
+
+    async def run():
+        async with websockets.connect(serve.url, max_size=None) as ws:
+            replies = []
+            good = stream.FrameMessage(3, 0.12, jpeg(scene_frame(face, 3)), return_frame=False)
+            for data in (json.dumps({"v": 1, "type": "frame", "seq": 0, "timestamp": 0,
+                                     "jpeg": "A" * (stream.MESSAGE_LIMIT_BYTES + 10)}),
+                         "{not json",
+                         stream.encode_frame(stream.FrameMessage(2, 0.08, b"GIF89a...")),
+                         stream.encode_frame(good)):
+                await ws.send(data)
+                replies.append(stream.decode_reply(await asyncio.wait_for(ws.recv(), 30)))
+            return replies
+
+    too_large, malformed, not_jpeg, result = asyncio.run(run())
+    assert (too_large["type"], too_large["code"]) == ("error", "too_large")
+    assert (malformed["type"], malformed["code"]) == ("error", "malformed")
+    assert (not_jpeg["type"], not_jpeg["code"]) == ("error", "bad_image")
+    assert result["type"] == "result" and result["seq"] == 3 and len(result["faces"]) == 1
+    assert result["dropped"] == 3
+
+
+def test_played_through_grpc(engine, clip, tmp_path):
+    pytest.importorskip("grpc", reason="grpcio not installed: pip install -e '.[stream]'")
+    pytest.importorskip("aws_lambda_powertools", reason="Powertools not installed: pip install -e '.[functions]'")
+    from functions.gpu import stream_server
+    server, port, svc = stream_server.serve(lambda: engine, "127.0.0.1", 0)
+    try:
+        out = tmp_path / "grpc.mp4"
+        stats = play(clip, f"grpc://127.0.0.1:{port}", output=out, fps=25)
+    finally:
+        server.stop(grace=1).wait()
+        svc.close()
+    assert stats.frames == CLIP_FRAMES and stats.unanswered == 0 and stats.refused == 0
+    assert stats.done + stats.dropped == CLIP_FRAMES and stats.done >= CLIP_FRAMES // 2
+    assert count_frames(out) == CLIP_FRAMES
+
+
+def test_cli_prints_the_statistics(serve, clip, tmp_path):
+    proc = run_cli("stream", clip, "--to", serve.url, "--frames", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["frames"] == 8 and stats["done"] + stats["dropped"] == 8
+    assert {"p50_ms", "p95_ms", "max_ms", "fps", "dropped"} <= set(stats)
+    text = run_cli("stream", clip, "--to", serve.url, "--frames", "4")
+    assert text.returncode == 0 and "latency ms: p50" in text.stdout and "sustained" in text.stdout
+
+
+def test_cli_refuses_bad_urls_and_inputs(clip, tmp_path):
+    bad_scheme = run_cli("stream", clip, "--to", "http://127.0.0.1:1/v1/stream")
+    assert bad_scheme.returncode == 2 and "ws://, wss:// or grpc://" in bad_scheme.stderr
+    missing = run_cli("stream", tmp_path / "nope.mp4", "--to", "ws://127.0.0.1:1/v1/stream")
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    from devstack.procs import free_port
+    refused = run_cli("stream", clip, "--to", f"ws://127.0.0.1:{free_port()}/v1/stream", "-o", tmp_path / "o.mp4")
+    assert refused.returncode == 1 and "cannot stream to" in refused.stderr
+    assert not list(tmp_path.iterdir()), "nothing written when the stream never started"
