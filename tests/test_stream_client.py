@@ -1,5 +1,5 @@
 """`faceflow stream` (faceflow.streamclient) against `faceflow serve`'s WebSocket route
-(faceflow.streamroute) and the gRPC service, over loopback: the video written back has every
+(faceflow.web.stream_route) and the gRPC service, over loopback: the video written back has every
 frame, masked; backpressure drops frames on both sides instead of queueing them; refusals are
 clear."""
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Serve:
     def __init__(self, engine, depth: int = 2):
         from aiohttp import web
 
-        from faceflow.streamroute import add_stream_route
+        from faceflow.web.stream_route import add_stream_route
         self.app = web.Application()
         add_stream_route(self.app, engine, depth=depth)
         self.loop = asyncio.new_event_loop()

@@ -10,7 +10,7 @@ every frame that gets no result counted.
     stream.idle                          # True once every admitted frame is answered
     hub.close()
 
-The transports are thin: `faceflow serve`'s WebSocket route (faceflow.streamroute) and the GPU
+The transports are thin: `faceflow serve`'s WebSocket route (faceflow.web.stream_route) and the GPU
 container's gRPC server (functions/gpu/stream_server.py) each read messages, `submit` them, and
 send what arrives in their Outbox. The per-frame step itself is faceflow.stream's
 StreamProcessor; this module only schedules it.

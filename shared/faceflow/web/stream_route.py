@@ -8,7 +8,7 @@ faceflow.streamhub.StreamHub on serve's engine: detection is batched across them
 queue is bounded (a connection sending faster than it is served has frames dropped, each
 answered with a "drop" reply; see streamhub).
 
-    from faceflow.streamroute import add_stream_route
+    from faceflow.web.stream_route import add_stream_route
     add_stream_route(app, engine)            # registers GET /v1/stream; the hub lives with the app
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .stream import ENVELOPE_BYTES, MESSAGE_LIMIT_BYTES, encode_reply
-from .streamhub import DEFAULT_BATCH, DEFAULT_DEPTH, Outbox, StreamHub
+from ..stream import ENVELOPE_BYTES, MESSAGE_LIMIT_BYTES, encode_reply
+from ..streamhub import DEFAULT_BATCH, DEFAULT_DEPTH, Outbox, StreamHub
 
 PATH = "/v1/stream"
 HUB = web.AppKey("faceflow_stream_hub", StreamHub)
