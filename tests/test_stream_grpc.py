@@ -34,7 +34,9 @@ def face(astronaut_bgr):
 
 @pytest.fixture(scope="module")
 def service(engine):
-    server, port, svc = stream_server.serve(lambda: engine, "127.0.0.1", 0, batch=8, depth=2, streams=8)
+    # Deep enough that the few frames of these tests are never dropped on a busy machine
+    # (dropping is the overload tests' subject).
+    server, port, svc = stream_server.serve(lambda: engine, "127.0.0.1", 0, batch=8, depth=16, streams=8)
     yield f"127.0.0.1:{port}"
     server.stop(grace=1).wait()
     svc.close()
@@ -220,3 +222,87 @@ def test_start_reads_its_port_and_can_be_off(monkeypatch, engine):
     monkeypatch.setenv("FACEFLOW_GPU_GRPC_PORT", "nope")
     with pytest.raises(SystemExit, match="FACEFLOW_GPU_GRPC_PORT"):
         stream_server.start(worker, "127.0.0.1")
+
+
+def test_a_taken_port_is_an_error_not_a_shared_port(engine):
+    """gRPC would share a port another process holds (SO_REUSEPORT) and split the streams
+    between them; the service refuses it instead, and the GPU worker goes on without streams."""
+    server, port, svc = stream_server.serve(lambda: engine, "127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match="cannot listen"):
+            stream_server.serve(lambda: engine, "127.0.0.1", port)
+
+        class Loaded:
+            pass
+        worker = Loaded()
+        worker.engine = engine
+        import os
+        os.environ["FACEFLOW_GPU_GRPC_PORT"] = str(port)
+        try:
+            assert stream_server.start(worker, "127.0.0.1") is None
+        finally:
+            del os.environ["FACEFLOW_GPU_GRPC_PORT"]
+    finally:
+        server.stop(grace=1).wait()
+        svc.close()
+
+
+def test_the_gpu_worker_serves_streams_beside_http(model_dir, face, tmp_path):
+    """`python -m functions.gpu.server serve`, as the container starts it: /ping over HTTP, and
+    a stream over gRPC on FACEFLOW_GPU_GRPC_PORT once the engine is in."""
+    import json
+    import os
+    import urllib.request
+
+    from devstack.procs import free_port
+    http_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "shared")]),
+           "FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_GPU_GRPC_PORT": str(grpc_port),
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "functions.gpu.server", "serve", "--host", "127.0.0.1",
+                                 "--port", str(http_port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/ping", timeout=5) as reply:
+                    if reply.status == 200 and json.load(reply)["status"] == "ok":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the worker did not load its engine"
+            time.sleep(0.2)
+        replies = call(f"127.0.0.1:{grpc_port}",
+                       [frame_to_proto(FrameMessage(i, i / 25, jpeg(scene_frame(face, i)))) for i in range(3)],
+                       pace_s=0.2)
+        # (The engine's first run is slow: a frame may be dropped behind it.)
+        results = [r for r in replies if r["type"] == "result"]
+        assert results and {r["type"] for r in replies} <= {"result", "drop"}
+        assert sorted(r["seq"] for r in replies) == [0, 1, 2]
+        assert all(len(r["faces"]) == 1 and r["jpeg"] for r in results)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "gRPC stream service listening" in log.read_text()
+
+
+def test_the_gpu_image_pins_what_the_stream_service_needs():
+    """functions/gpu/requirements.txt has grpcio and protobuf, at versions the committed
+    generated modules accept (the pyproject `stream` extra's bounds)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    pins = {}
+    for line in (ROOT / "functions" / "gpu" / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            pins[req.name.lower()] = Version(next(iter(req.specifier)).version)
+    import tomllib
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["stream"]
+    for spec in map(Requirement, extra):
+        if spec.name in ("grpcio", "protobuf"):
+            assert spec.name in pins, f"{spec.name} is not in the GPU image"
+            assert spec.specifier.contains(pins[spec.name]), f"{spec.name} {pins[spec.name]} is not {spec.specifier}"

@@ -120,26 +120,39 @@ def serve(engine: Callable[[], object | None], host: str = "0.0.0.0", port: int 
     # started by the call, outside this pool).
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=streams + 2, thread_name_prefix="faceflow-grpc"),
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                  # gRPC shares a port taken by another process by default (its
+                                  # connections would go to either): a taken port is an error
+                                  ("grpc.so_reuseport", 0)],
                          maximum_concurrent_rpcs=streams + 2)
     service = FaceStream(engine, batch, depth, streams)
     stream_pb2_grpc.add_FaceStreamServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
     if not bound:
-        raise SystemExit(f"cannot listen on {host}:{port} for the gRPC stream service")
+        server.stop(None)
+        raise OSError(f"cannot listen on {host}:{port} for the gRPC stream service (port in use?)")
     server.start()
     return server, bound, service
 
 
 def start(worker, host: str) -> grpc.Server | None:
-    """The stream service on the worker's engine (server.py); None when the port is 0."""
+    """The stream service on the worker's engine (server.py); None when the port is 0 or
+    cannot be had: the HTTP worker (the endpoint's jobs) goes on without it, with an error
+    logged."""
     port = _env_int("FACEFLOW_GPU_GRPC_PORT", DEFAULT_PORT, 0)
     if port == 0:
         return None
-    server, bound, _ = serve(lambda: worker.engine, host, port,
-                             batch=_env_int("FACEFLOW_GPU_STREAM_BATCH", 16, 1),
-                             depth=_env_int("FACEFLOW_GPU_STREAM_DEPTH", 2, 1),
-                             streams=_env_int("FACEFLOW_GPU_STREAMS", 64, 1))
+    try:
+        server, bound, _ = serve(lambda: worker.engine, host, port,
+                                 batch=_env_int("FACEFLOW_GPU_STREAM_BATCH", 16, 1),
+                                 depth=_env_int("FACEFLOW_GPU_STREAM_DEPTH", 2, 1),
+                                 streams=_env_int("FACEFLOW_GPU_STREAMS", 64, 1))
+    except OSError as exc:
+        logger.error("gRPC stream service not started", extra={"reason": str(exc)})
+        return None
     logger.info("gRPC stream service listening", extra={"host": host, "port": bound})
     return server
 
