@@ -216,6 +216,16 @@ def test_a_lost_state_covers_whole_frames_for_the_hold_then_detects_again(scene,
     assert "covered" not in after.reply and after.reply["faces"][0]["source"] == DETECTED
 
 
+def test_a_lost_state_still_covers_when_its_first_message_is_refused(scene, processor):
+    frame, _ = scene
+    refused = processor.handle("not json", None, reset=stream.LOST)
+    assert refused.reply["code"] == stream.MALFORMED
+    # the next frame finds a state (the refusal's), not a lost one: it is still covered
+    outcome = processor.handle(stream.encode_frame(message(7, frame(7))), through_json(refused.state))
+    assert outcome.reply["covered"] == "frame" and outcome.state["cover_until"] == 7 + round(1.5 * 25)
+    assert outcome.reply["dropped"] == 1
+
+
 def test_drops_are_counted_and_every_reply_reports_them(scene, processor):
     frame, _ = scene
     state = processor.process(message(0, frame(0)), None).state

@@ -273,6 +273,10 @@ class StreamProcessor:
     # --- messages ------------------------------------------------------------------------
     def handle(self, data: str | bytes, state: dict[str, Any] | None, reset: str | None = None) -> Outcome:
         """A message off the wire: its result, or an error reply (counted as a drop)."""
+        if reset == LOST:
+            # Whole frames are covered from the first frame processed, even if this message
+            # is refused: the state it leaves must still say so.
+            state = {**self.new_state(), "cover_pending": True}
         state = self.check_state(state) if state is not None else self.new_state()
         try:
             message = parse_message(data, self.options.max_jpeg_bytes)
@@ -317,8 +321,9 @@ class StreamProcessor:
         is None; until the tracker could have held a face that far, whole frames are covered)."""
         start = time.perf_counter()
         state = self.check_state(state) if state is not None else self.new_state(message.fps)
-        if reset == LOST:
-            state = _lost(self.new_state(message.fps), message.seq, self.options.max_missing_s)
+        if reset == LOST or state.get("cover_pending"):
+            state = _lost({**self.new_state(message.fps), "drops": state["drops"]}, message.seq,
+                          self.options.max_missing_s)
         if bgr is None:
             bgr = self.decode(message)
         state = {**state, "recent": [list(r) for r in state["recent"]], "drops": dict(state["drops"])}
