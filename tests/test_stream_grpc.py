@@ -306,3 +306,54 @@ def test_the_gpu_image_pins_what_the_stream_service_needs():
         if spec.name in ("grpcio", "protobuf"):
             assert spec.name in pins, f"{spec.name} is not in the GPU image"
             assert spec.specifier.contains(pins[spec.name]), f"{spec.name} {pins[spec.name]} is not {spec.specifier}"
+
+
+def test_a_drop_never_waits_for_the_frame_in_progress(engine, face):
+    """Counting a dropped frame must not wait while the same stream's previous frame is being
+    masked and encoded: serve's WebSocket route submits on its event loop, and a wait there
+    held up every connection (4 streams got 2 fps each)."""
+    hub = StreamHub(engine, batch=1, depth=1)
+    entered, release = threading.Event(), threading.Event()
+    real = hub.processor.process
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(CALL_TIMEOUT_S)
+        return real(*args, **kwargs)
+
+    hub.processor.process = held
+    try:
+        outbox = Outbox(8)
+        handle = hub.open(outbox.offer)
+        data = jpeg(scene_frame(face, 0))
+        handle.submit(FrameMessage(0, 0.0, data, return_frame=False, fps=30.0))
+        assert entered.wait(CALL_TIMEOUT_S)
+        submitted = threading.Event()
+
+        def drop_one():
+            handle.submit(FrameMessage(1, 0.04, data, return_frame=False))  # over the depth: dropped
+            submitted.set()
+
+        threading.Thread(target=drop_one, daemon=True).start()
+        waited = not submitted.wait(5)
+        release.set()
+        assert not waited, "submit waited for the frame in progress"
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while handle.admitted and time.monotonic() < deadline:  # frame 0 done
+            time.sleep(0.01)
+        handle.submit(FrameMessage(2, 0.08, data, return_frame=False))
+        handle.end()
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while not handle.idle and time.monotonic() < deadline:
+            time.sleep(0.02)
+        replies = []
+        while (reply := outbox.take(0)) is not None:
+            replies.append(reply)
+        by_seq = {r["seq"]: r for r in replies}
+        assert by_seq[1]["type"] == "drop" and by_seq[1]["reason"] == "backlog"
+        assert by_seq[0]["type"] == by_seq[2]["type"] == "result"
+        assert by_seq[2]["dropped"] == 1, "the drop counted meanwhile is kept"
+        assert handle.state["fps"] == 30.0, "the first frame's fps is the stream's"
+    finally:
+        release.set()
+        hub.close()

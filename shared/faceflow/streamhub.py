@@ -141,7 +141,7 @@ class HubStream:
                 data = encode_frame(data, binary=True)
             message = parse_message(data, hub.processor.options.max_jpeg_bytes)
         except ProtocolError as exc:
-            self._answer(lambda state: hub.processor.refuse(state, exc), slot=False)
+            self._answer(lambda state: hub.processor.refuse(state or hub.processor.new_state(), exc), slot=False)
             return
         pushed_out = None
         with hub._cond:
@@ -160,8 +160,9 @@ class HubStream:
                     hub._ready.append(self)
                 hub._cond.notify()
         if pushed_out is not None:
-            seq = pushed_out.seq
-            self._answer(lambda state: hub.processor.drop(state, seq, BACKLOG), slot=False)
+            seq, message_fps = pushed_out.seq, pushed_out.fps
+            self._answer(lambda state: hub.processor.drop(state or hub.processor.new_state(message_fps), seq,
+                                                          BACKLOG), slot=False)
 
     def end(self) -> None:
         """No more frames: those admitted are still answered."""
@@ -177,25 +178,48 @@ class HubStream:
             if self in self.hub._ready:
                 self.hub._ready.remove(self)
 
-    def _answer(self, step: Callable[[dict[str, Any]], Any], slot: bool) -> None:
-        """Run `step` (state -> Outcome) on this stream's state and deliver the reply; a reply
-        the outbox refuses is counted as stale. `slot`: the reply answers an admitted frame."""
+    def _answer(self, step: Callable[[dict[str, Any] | None], Any], slot: bool) -> None:
+        """Run `step` (state or None -> Outcome) on this stream's state and deliver the reply; a
+        result the outbox refuses is counted as stale. `slot`: the reply answers an admitted
+        frame.
+
+        The step runs outside the state's lock: the finishing thread's step (mask, encode) is
+        long, and a drop counted meanwhile (`submit`, on a transport's thread or event loop)
+        must not wait for it. Only the finishing thread runs long steps, so the one thing that
+        can change the state meanwhile is such a count, which is carried over."""
         processor = self.hub.processor
         try:
             with self._state_lock:
                 if self.closed:
                     return
-                state = self.state if self.state is not None else processor.new_state()
-                outcome = step(state)
-                self.state = outcome.state
+                before = self.state
+            outcome = step(before)
+            with self._state_lock:
+                if self.closed:
+                    return
+                state = outcome.state
+                if self.state is not before:
+                    state = _with_drops_since(state, before, self.state)
                 if not self.deliver(outcome.reply) and outcome.reply.get("type") == RESULT:
                     # (A drop or an error that finds no room is counted already.)
-                    self.state = processor.drop(self.state, outcome.reply.get("seq"), STALE).state
+                    state = processor.drop(state, outcome.reply.get("seq"), STALE).state
+                self.state = state
         finally:
             if slot:
                 with self.hub._cond:
                     self.admitted = max(0, self.admitted - 1)
                     self.hub._cond.notify_all()
+
+
+def _with_drops_since(state: dict[str, Any], before: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+    """`state` plus the drops counted in `now` since `before`."""
+    drops = dict(state.get("drops", {}))
+    earlier = (before or {}).get("drops", {})
+    for reason, count in now.get("drops", {}).items():
+        extra = count - earlier.get(reason, 0)
+        if extra > 0:
+            drops[reason] = drops.get(reason, 0) + extra
+    return {**state, "drops": drops}
 
 
 class StreamHub:
@@ -296,19 +320,21 @@ class StreamHub:
                 stream._answer(lambda state, m=message, b=bgr, f=faces, e=error: self._step(state, m, b, f, e),
                                slot=True)
 
-    def _step(self, state: dict[str, Any], message: FrameMessage, bgr: np.ndarray | None,
+    def _step(self, state: dict[str, Any] | None, message: FrameMessage, bgr: np.ndarray | None,
               faces: list[Face] | None, error: Exception | None):
         processor = self.processor
-        if isinstance(error, ProtocolError):
-            return processor.refuse(state, error)
         if error is None:
             try:
+                # (None: the stream's first frame, whose fps the new state takes.)
                 return processor.process(message, state, bgr=bgr, detections=faces)
             except ProtocolError as exc:
-                return processor.refuse(state, exc)
+                error = exc
             except Exception as exc:  # noqa: BLE001 - a defect: logged, the stream goes on
                 logger.exception("stream frame failed")
                 error = exc
+        state = state if state is not None else processor.new_state(message.fps)
+        if isinstance(error, ProtocolError):
+            return processor.refuse(state, error)
         return processor.refuse(state, ProtocolError(INTERNAL, "internal error on this frame (see the server log)",
                                                      message.seq))
 
