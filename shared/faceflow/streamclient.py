@@ -179,9 +179,10 @@ class _WebSocketLink:
 
     async def connect(self) -> None:
         import websockets
-        # Replies carry the frame: room for a whole message of the protocol and more.
+        # Replies carry the frame: room for a whole message of the protocol and more. No
+        # per-message deflate: JPEG does not compress (and API Gateway offers none).
         self.ws = await websockets.connect(self.url, max_size=4 * stream.MESSAGE_LIMIT_BYTES,
-                                           open_timeout=10, ping_interval=None)
+                                           open_timeout=10, ping_interval=None, compression=None)
 
     async def send(self, message: stream.FrameMessage) -> None:
         data = stream.encode_frame(message, binary=self.binary)

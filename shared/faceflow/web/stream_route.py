@@ -46,7 +46,9 @@ def add_stream_route(app: web.Application, engine, *, batch: int = DEFAULT_BATCH
 async def handle_stream(request: web.Request) -> web.WebSocketResponse:
     """One stream: read frames, hand them to the hub, send its replies as they come."""
     hub: StreamHub = request.app[HUB]
-    ws = web.WebSocketResponse(max_msg_size=MAX_READ_BYTES, heartbeat=30)
+    # No per-message deflate: JPEG does not compress, and deflating every frame cost CPU and
+    # (over a threshold aiohttp deflates on an executor thread) latency; API Gateway has none.
+    ws = web.WebSocketResponse(max_msg_size=MAX_READ_BYTES, heartbeat=30, compress=False)
     await ws.prepare(request)
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
