@@ -1,4 +1,4 @@
-"""The `faceflow` command: anonymize, analyze, stream, models."""
+"""The `faceflow` command: anonymize, analyze, models, serve, monitor, stream."""
 from __future__ import annotations
 
 import argparse
@@ -161,6 +161,32 @@ def cmd_stream(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .web import serve
+    except ImportError as exc:
+        raise BadInput(f"faceflow serve needs the serve extra (pip install 'faceflow[serve]'): {exc}") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"faceflow: serving on {args.host}: anyone who reaches it can use it (no authentication); "
+              "see the README on putting it behind a proxy", file=sys.stderr)
+    limits = serve.Limits(workers=args.workers, waiting=args.queue, timeout_s=args.timeout)
+    engine_options = {k: v for k, v in dict(detector=args.detector, model_dir=args.models, providers=args.providers,
+                                            max_side=args.max_side, threshold=args.threshold).items()
+                      if v is not None}
+    url = args.public_url or f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/"
+    serve.run(args.host, args.port, Path(args.workdir) if args.workdir else None, limits, args.public_url,
+              engine_options, ready=lambda _: print(f"faceflow serve: open {url}", file=sys.stderr, flush=True))
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    try:
+        from .web import monitor
+    except ImportError as exc:
+        raise BadInput(f"faceflow monitor needs the serve extra (pip install 'faceflow[serve]'): {exc}") from None
+    return monitor.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="faceflow", description="Find and anonymise faces in photos and videos.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,19 +235,46 @@ def build_parser() -> argparse.ArgumentParser:
     engine_options(z)
     z.set_defaults(func=cmd_analyze)
 
-    s = sub.add_parser("stream", help="play a video as a live stream to a server; print latency and drops")
-    s.add_argument("input", help="video file, played at its frame rate")
-    s.add_argument("--to", required=True, help="ws://HOST:PORT/v1/stream (faceflow serve), wss://... (the "
-                                               "deployed WebSocket API) or grpc://HOST:PORT (the GPU container)")
-    s.add_argument("-o", "--output", default=None, help="write the anonymised frames that come back as a video")
-    s.add_argument("--fps", type=float, default=None, help="frames per second to send (default: the video's)")
-    s.add_argument("--return-frames", action="store_true", help="ask for the anonymised frames (implied by -o)")
-    s.add_argument("--frames", type=int, default=None, help="play only the first N frames")
-    s.add_argument("--window", type=int, default=4, help="frames in flight at most; later ones are dropped")
-    s.add_argument("--quality", type=int, default=80, help="JPEG quality of the frames sent and returned")
-    s.add_argument("--binary", action="store_true", help="binary WebSocket messages (faceflow serve only)")
-    s.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    s.set_defaults(func=cmd_stream)
+    s = sub.add_parser("serve", help="the page and the HTTP API on this machine (no AWS)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="requests processed at once (default: the cores, at most 4)")
+    s.add_argument("--queue", type=int, default=16, help="requests waiting for a worker before a 503 (default 16)")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take before a 504")
+    s.add_argument("--workdir", default=None, help="folder for jobs' files (default: a temporary one)")
+    s.add_argument("--public-url", default=None,
+                   help="the URL clients reach this server at (behind a proxy); default: the Host they asked for")
+    engine_options(s)
+    s.set_defaults(func=cmd_serve)
+
+    mo = sub.add_parser("monitor", help="load a faceflow server with real photos; latency, CPU and memory")
+    mo.add_argument("url", help="the server, e.g. http://127.0.0.1:8080")
+    mo.add_argument("--requests", type=int, default=100)
+    mo.add_argument("--concurrency", type=int, default=4)
+    mo.add_argument("--warmup", action="store_true", help="one request per connection first, not counted")
+    mo.add_argument("--images", default=None, help="folder of photos (default ../shared/data/images when present)")
+    mo.add_argument("--route", default="/v1/anonymize", help="the route photos are POSTed to (default /v1/anonymize)")
+    mo.add_argument("--out", default="monitor", help="folder for monitor.csv and monitor.png (default ./monitor)")
+    mo.add_argument("--pid", type=int, default=None,
+                    help="sample this local process with psutil instead of the server's /metrics")
+    mo.add_argument("--interval", type=float, default=0.5, help="seconds between CPU and memory samples")
+    mo.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take")
+    mo.set_defaults(func=cmd_monitor)
+
+    st = sub.add_parser("stream", help="play a video as a live stream to a server; print latency and drops")
+    st.add_argument("input", help="video file, played at its frame rate")
+    st.add_argument("--to", required=True, help="ws://HOST:PORT/v1/stream (faceflow serve), wss://... (the "
+                                                "deployed WebSocket API) or grpc://HOST:PORT (the GPU container)")
+    st.add_argument("-o", "--output", default=None, help="write the anonymised frames that come back as a video")
+    st.add_argument("--fps", type=float, default=None, help="frames per second to send (default: the video's)")
+    st.add_argument("--return-frames", action="store_true", help="ask for the anonymised frames (implied by -o)")
+    st.add_argument("--frames", type=int, default=None, help="play only the first N frames")
+    st.add_argument("--window", type=int, default=4, help="frames in flight at most; later ones are dropped")
+    st.add_argument("--quality", type=int, default=80, help="JPEG quality of the frames sent and returned")
+    st.add_argument("--binary", action="store_true", help="binary WebSocket messages (faceflow serve only)")
+    st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    st.set_defaults(func=cmd_stream)
 
     m = sub.add_parser("models", help="fetch, verify or list the model bundle")
     m.add_argument("action", choices=["fetch", "verify", "list"])

@@ -185,6 +185,9 @@ class JobCreated(BaseModel):
 class Progress(BaseModel):
     chunks_done: int
     chunks_total: int
+    frames_done: Optional[int] = Field(default=None, description="frames processed (jobs run by `faceflow serve`, "
+                                                                 "where a video is one chunk)")
+    frames_total: Optional[int] = Field(default=None, description="frames in the video, when known")
 
 
 class Job(BaseModel):
@@ -352,9 +355,9 @@ class PhotoRoutes:
     decorate: Callable[[Callable], Callable] = lambda route: route
 
 
-def read_image(app: ApiGatewayResolver, limit: int) -> bytes:
-    """The image from a raw body or the first file of a multipart/form-data body, size-checked
-    before any decoding."""
+def read_image(app: ApiGatewayResolver, limit: int, field: str = "file") -> bytes:
+    """The image from a raw body or the first file of a multipart/form-data body (a part with a
+    filename, or named `field`), size-checked before any decoding."""
     event = app.current_event
     content_type = event.headers.get("content-type", "")
     if content_type and content_type.split(";")[0].strip().lower() not in IMAGE_BODY_TYPES:
@@ -368,7 +371,7 @@ def read_image(app: ApiGatewayResolver, limit: int) -> bytes:
     body = event.body or ""
     data = base64.b64decode(body) if event.is_base64_encoded else body.encode("latin-1", "replace")
     if content_type.startswith("multipart/form-data"):
-        data = form_file(content_type, data)
+        data = form_file(content_type, data, field)
     if len(data) > limit:
         raise ServiceError(413, f"image too large: {len(data)} bytes (limit {limit})")
     if not data:
