@@ -111,6 +111,23 @@ def test_played_through_serve_writes_every_frame_masked(serve, clip, tmp_path, f
         assert face_changed(scene_frame(face, i), written[i], box) > 0.5, f"frame {i} is not masked"
 
 
+def test_faceflow_serve_offers_the_route(clip, tmp_path):
+    """The real `faceflow serve` (a process, as a user starts it): `faceflow stream` against
+    its /v1/stream writes a video with every frame; the other routes still answer."""
+    pytest.importorskip("aws_lambda_powertools", reason="faceflow serve needs the serve extra")
+    from serve_process import ServeProcess
+    with ServeProcess(tmp_path / "serve") as server:
+        out = tmp_path / "served.mp4"
+        proc = run_cli("stream", clip, "--to", f"ws://127.0.0.1:{server.port}/v1/stream", "-o", out, "--json")
+        assert proc.returncode == 0, proc.stderr + server.log.read_text(errors="replace")[-2000:]
+        stats = json.loads(proc.stdout)
+        assert stats["frames"] == CLIP_FRAMES and stats["unanswered"] == 0 and stats["refused"] == 0
+        assert stats["done"] >= 1 and stats["faces"] >= stats["done"]
+        assert count_frames(out) == CLIP_FRAMES
+        status, _, _ = server.request("GET", "/v1/openapi.json")
+        assert status == 200
+
+
 def test_binary_messages_and_faces_only(serve, clip):
     stats = play(clip, serve.url, fps=25, binary=True, limit=10)
     assert stats.frames == 10 and stats.done + stats.dropped == 10 and stats.refused == 0

@@ -9,12 +9,13 @@ queue is bounded (a connection sending faster than it is served has frames dropp
 answered with a "drop" reply; see streamhub).
 
     from faceflow.web.stream_route import add_stream_route
-    add_stream_route(app, engine)            # registers GET /v1/stream; the hub lives with the app
+    add_stream_route(app, engines)   # GET /v1/stream; `engines`: an Engine, or a callable making one
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from aiohttp import WSMsgType, web
 
@@ -22,7 +23,6 @@ from ..stream import ENVELOPE_BYTES, MESSAGE_LIMIT_BYTES, encode_reply
 from ..streamhub import DEFAULT_BATCH, DEFAULT_DEPTH, Outbox, StreamHub
 
 PATH = "/v1/stream"
-HUB = web.AppKey("faceflow_stream_hub", StreamHub)
 # Messages up to this size are read and, over the protocol's limit, refused with a clear
 # "too_large" error reply; a larger one closes the connection (1009, message too big) unread.
 MAX_READ_BYTES = 4 * (MESSAGE_LIMIT_BYTES + ENVELOPE_BYTES)
@@ -30,22 +30,49 @@ MAX_READ_BYTES = 4 * (MESSAGE_LIMIT_BYTES + ENVELOPE_BYTES)
 OUTBOX_EXTRA = 6
 
 
-def add_stream_route(app: web.Application, engine, *, batch: int = DEFAULT_BATCH,
-                     depth: int = DEFAULT_DEPTH, path: str = PATH) -> None:
-    """Serve streams at `path` on `engine`; the hub starts and stops with the app."""
+class HubHolder:
+    """The app's StreamHub, made on the first stream (the app starts without loading a model
+    for streams nobody opens) and closed with the app."""
 
-    async def start_hub(app: web.Application):
-        app[HUB] = StreamHub(engine, batch=batch, depth=depth)
-        yield
+    def __init__(self, engine: Any | Callable[[], Any], batch: int, depth: int):
+        self._engine, self.batch, self.depth = engine, batch, depth
+        self._hub: StreamHub | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> StreamHub:
+        with self._lock:
+            if self._hub is None:
+                engine = self._engine() if callable(self._engine) and not hasattr(self._engine, "detect_batch") \
+                    else self._engine
+                self._hub = StreamHub(engine, batch=self.batch, depth=self.depth)
+            return self._hub
+
+    def close(self) -> None:
+        with self._lock:
+            if self._hub is not None:
+                self._hub.close()
+                self._hub = None
+
+
+HUB = web.AppKey("faceflow_stream_hub", HubHolder)
+
+
+def add_stream_route(app: web.Application, engine: Any | Callable[[], Any], *, batch: int = DEFAULT_BATCH,
+                     depth: int = DEFAULT_DEPTH, path: str = PATH) -> None:
+    """Serve streams at `path` on `engine` (an Engine, or a callable that makes one, called
+    once on the first stream); the hub stops with the app."""
+    app[HUB] = HubHolder(engine, batch, depth)
+
+    async def close_hub(app: web.Application) -> None:
         await asyncio.get_running_loop().run_in_executor(None, app[HUB].close)
 
-    app.cleanup_ctx.append(start_hub)
+    app.on_cleanup.append(close_hub)
     app.router.add_get(path, handle_stream)
 
 
 async def handle_stream(request: web.Request) -> web.WebSocketResponse:
     """One stream: read frames, hand them to the hub, send its replies as they come."""
-    hub: StreamHub = request.app[HUB]
+    hub = await asyncio.get_running_loop().run_in_executor(None, request.app[HUB].get)  # may load the model
     # No per-message deflate: JPEG does not compress, and deflating every frame cost CPU and
     # (over a threshold aiohttp deflates on an executor thread) latency; API Gateway has none.
     ws = web.WebSocketResponse(max_msg_size=MAX_READ_BYTES, heartbeat=30, compress=False)
