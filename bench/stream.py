@@ -12,8 +12,7 @@ frames in flight, later frames dropped), anonymised frames returned. The clip lo
 
 Each server runs in its own process, started fresh per transport and warmed up with one
 short stream before the runs:
-  ws    the /v1/stream route (faceflow.web.stream_route) on an aiohttp app of its own
-        (this script with --serve-ws), text messages as API Gateway takes them.
+  ws    `faceflow serve`'s /v1/stream route, text messages as API Gateway takes them.
   grpc  python -m functions.gpu.stream_server (the GPU container's service) on CPU.
 
 Per run: latency (send to reply, over every frame of every stream) p50, p95, max; sustained
@@ -64,28 +63,18 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve_ws(port: int) -> None:
-    """The WebSocket route alone (what `faceflow serve` mounts at /v1/stream)."""
-    from aiohttp import web
-
-    from faceflow.engine import Engine
-    from faceflow.web.stream_route import add_stream_route
-    app = web.Application()
-    add_stream_route(app, Engine())
-    web.run_app(app, host="127.0.0.1", port=port, print=None, handle_signals=True)
-
-
 def start_server(transport: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "shared"), str(ROOT)])}
     if transport == "ws":
-        cmd = [sys.executable, __file__, "--serve-ws", str(port)]
+        cmd = [sys.executable, "-m", "faceflow.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--providers", "cpu"]
         url = f"ws://127.0.0.1:{port}/v1/stream"
     else:
         cmd = [sys.executable, "-m", "functions.gpu.stream_server", "--host", "127.0.0.1", "--port", str(port),
                "--providers", "cpu"]
         url = f"grpc://127.0.0.1:{port}"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -137,11 +126,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each stream (the clip loops)")
     parser.add_argument("--transports", default="ws,grpc")
     parser.add_argument("--json", default=None, help="write the figures here too")
-    parser.add_argument("--serve-ws", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_ws is not None:
-        serve_ws(args.serve_ws)
-        return 0
     if not CLIP.is_file():
         raise SystemExit(f"the clip is missing: {CLIP} (put shared/data beside the checkout)")
     frames = source_frames(args.seconds)

@@ -435,7 +435,7 @@ class Server:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_put("/v1/uploads/{job_id}", self._upload)
         app.router.add_get("/v1/files/{job_id}/{name}", self._download)
-        add_stream_route(app, self.engines)  # GET /v1/stream: live streams over WebSocket
+        add_stream_route(app, self.jobs.engines)  # GET /v1/stream: live streams (engines on all cores, as jobs)
         for route in ("/v1/jobs/{job_id}/upload", "/v1/jobs/{job_id}/complete", "/v1/jobs/{job_id}/result",
                       "/v1/jobs/{job_id}", "/v1/jobs", "/v1/analyze", "/v1/anonymize", "/v1/openapi.json",
                       "/process", "/analyze", "/", "/static/{name}"):
