@@ -39,12 +39,18 @@ def clip(tmp_path_factory, face):
 class Serve:
     """serve's stream route on an aiohttp app of its own, in a thread, on a free loopback port."""
 
-    def __init__(self, engine, depth: int = 2):
+    def __init__(self, engine, depth: int = 2, guarded_by: str | None = None):
         from aiohttp import web
 
-        from faceflow.web.stream_route import add_stream_route
+        from faceflow.web.stream_route import add_stream_route, handle_stream
         self.app = web.Application()
         add_stream_route(self.app, engine, depth=depth)
+        if guarded_by is not None:  # /guarded: the route behind an Authorization check
+            async def guarded(request):
+                if request.headers.get("Authorization") != guarded_by:
+                    raise web.HTTPUnauthorized()
+                return await handle_stream(request)
+            self.app.router.add_get("/guarded", guarded)
         self.loop = asyncio.new_event_loop()
         self.started = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -220,3 +226,35 @@ def test_cli_refuses_bad_urls_and_inputs(clip, tmp_path):
     refused = run_cli("stream", clip, "--to", f"ws://127.0.0.1:{free_port()}/v1/stream", "-o", tmp_path / "o.mp4")
     assert refused.returncode == 1 and "cannot stream to" in refused.stderr
     assert not list(tmp_path.iterdir()), "nothing written when the stream never started"
+
+
+def test_authorisation_headers_go_with_the_connect(engine, clip):
+    """--token (a JWT, as the deployed API's JWT mode wants it) is sent as Authorization:
+    Bearer; without it the connect is refused and the command says so."""
+    server = Serve(engine, guarded_by="Bearer good-token")
+    try:
+        url = server.url.replace("/v1/stream", "/guarded")
+        refused = run_cli("stream", clip, "--to", url, "--frames", "3")
+        assert refused.returncode == 1 and "cannot stream to" in refused.stderr and "401" in refused.stderr
+        ok = run_cli("stream", clip, "--to", url, "--frames", "3", "--json", env={"FACEFLOW_TOKEN": "good-token"})
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["frames"] == 3
+    finally:
+        server.stop()
+
+
+def test_sigv4_headers_sign_for_execute_api(monkeypatch):
+    pytest.importorskip("botocore", reason="botocore not installed: pip install -e '.[functions]'")
+    from faceflow.streamclient import sigv4_headers
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    headers = sigv4_headers("wss://abc123.execute-api.eu-west-1.amazonaws.com/v1")
+    assert headers["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+    assert "/eu-west-1/execute-api/aws4_request" in headers["Authorization"]
+    assert "X-Amz-Date" in headers
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    with pytest.raises(BadInput, match="region"):
+        sigv4_headers("ws://127.0.0.1:9/v1")

@@ -150,10 +150,14 @@ def cmd_models(args) -> int:
 def cmd_stream(args) -> int:
     import asyncio
 
-    from .streamclient import play
+    from .streamclient import play, sigv4_headers
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    if args.sigv4:
+        headers.update(sigv4_headers(args.to))
     try:
         stats = play(args.input, args.to, output=args.output, fps=args.fps, return_frames=args.return_frames,
-                     limit=args.frames, window=args.window, binary=args.binary, quality=args.quality)
+                     limit=args.frames, window=args.window, binary=args.binary, quality=args.quality,
+                     headers=headers)
     except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
         print(f"faceflow: cannot stream to {args.to}: {exc or type(exc).__name__}", file=sys.stderr)
         return EXIT_FAILED
@@ -273,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--window", type=int, default=4, help="frames in flight at most; later ones are dropped")
     st.add_argument("--quality", type=int, default=80, help="JPEG quality of the frames sent and returned")
     st.add_argument("--binary", action="store_true", help="binary WebSocket messages (faceflow serve only)")
+    st.add_argument("--token", default=os.environ.get("FACEFLOW_TOKEN"),
+                    help="a JWT sent as Authorization: Bearer (the deployed API with AuthMode JWT; "
+                         "default $FACEFLOW_TOKEN)")
+    st.add_argument("--sigv4", action="store_true",
+                    help="sign the connect with your AWS credentials (the deployed API with AuthMode IAM)")
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
     st.set_defaults(func=cmd_stream)
 

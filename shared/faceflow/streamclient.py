@@ -173,16 +173,47 @@ class _Prepared:
 
 
 # --- transports -----------------------------------------------------------------------------
+def sigv4_headers(url: str, region: str | None = None) -> dict[str, str]:
+    """Headers that sign a WebSocket connect to `url` with the AWS credentials botocore finds
+    (the deployed API's $connect with AuthMode IAM): SigV4 for execute-api, the region from
+    the host name (ID.execute-api.REGION.amazonaws.com) or AWS_REGION."""
+    import os
+    try:
+        import botocore.session
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+    except ImportError:
+        raise BadInput("signing needs botocore (pip install 'faceflow[functions]')") from None
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    labels = host.split(".")
+    region = region or (labels[2] if len(labels) > 3 and labels[1] == "execute-api" else None) \
+        or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region:
+        raise BadInput(f"{url}: cannot tell the AWS region to sign for (set AWS_REGION)")
+    credentials = botocore.session.get_session().get_credentials()
+    if credentials is None:
+        raise BadInput("no AWS credentials found to sign the connect")
+    request = AWSRequest(method="GET", url=parts._replace(scheme="https" if parts.scheme == "wss" else "http").geturl())
+    SigV4Auth(credentials, "execute-api", region).add_auth(request)
+    return {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "x-amz-date",
+                                                                      "x-amz-security-token")}
+
+
 class _WebSocketLink:
-    def __init__(self, url: str, binary: bool):
-        self.url, self.binary, self.ws = url, binary, None
+    def __init__(self, url: str, binary: bool, headers: dict[str, str] | None = None):
+        self.url, self.binary, self.headers, self.ws = url, binary, headers or {}, None
 
     async def connect(self) -> None:
         import websockets
         # Replies carry the frame: room for a whole message of the protocol and more. No
         # per-message deflate: JPEG does not compress (and API Gateway offers none).
-        self.ws = await websockets.connect(self.url, max_size=4 * stream.MESSAGE_LIMIT_BYTES,
-                                           open_timeout=10, ping_interval=None, compression=None)
+        try:
+            self.ws = await websockets.connect(self.url, max_size=4 * stream.MESSAGE_LIMIT_BYTES,
+                                               open_timeout=10, ping_interval=None, compression=None,
+                                               additional_headers=self.headers or None)
+        except websockets.exceptions.InvalidHandshake as exc:  # e.g. 401/403: not authorised
+            raise ConnectionError(f"the server refused the WebSocket connection: {exc}") from None
 
     async def send(self, message: stream.FrameMessage) -> None:
         data = stream.encode_frame(message, binary=self.binary)
@@ -219,7 +250,10 @@ class _GrpcLink:
         limit = 4 * stream.MESSAGE_LIMIT_BYTES
         self.channel = grpc.aio.insecure_channel(self.target, options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
-        await asyncio.wait_for(self.channel.channel_ready(), timeout=10)
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout=10)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"no gRPC server answered at {self.target} within 10 s") from None
         self.call = stream_pb2_grpc.FaceStreamStub(self.channel).Stream()
 
     async def send(self, message: stream.FrameMessage) -> None:
@@ -246,10 +280,10 @@ class _GrpcLink:
             await self.channel.close()
 
 
-def link_for(url: str, binary: bool = False):
+def link_for(url: str, binary: bool = False, headers: dict[str, str] | None = None):
     parts = urlsplit(url)
     if parts.scheme in ("ws", "wss"):
-        return _WebSocketLink(url, binary)
+        return _WebSocketLink(url, binary, headers)
     if parts.scheme == "grpc":
         if not parts.hostname or not parts.port:
             raise BadInput(f"{url}: a gRPC URL is grpc://HOST:PORT")
@@ -405,14 +439,14 @@ class _VideoOut:
 async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = stream.DEFAULT_FPS,
                      output: Path | str | None = None, return_frames: bool = False, window: int = DEFAULT_WINDOW,
                      binary: bool = False, method: str = "blur", quality: int = stream.DEFAULT_QUALITY,
-                     final_wait_s: float = FINAL_WAIT_S) -> Stats:
+                     final_wait_s: float = FINAL_WAIT_S, headers: dict[str, str] | None = None) -> Stats:
     """Send `frames` to `url` at `fps` and gather the replies; see the module's docstring."""
     if window < 1:
         raise ValueError("window must be at least 1")
     if not 0 < fps <= stream.MAX_FPS:
         raise BadInput(f"fps must be above 0 and at most {stream.MAX_FPS:g}")
     return_frames = return_frames or output is not None
-    link = link_for(url, binary)
+    link = link_for(url, binary, headers)
     stats = Stats()
     in_flight: dict[int, float] = {}      # seq -> when it was sent
     settled: dict[int, bytes | None] = {}  # seq -> the returned JPEG (None: none) until written
@@ -531,12 +565,15 @@ async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = st
 
 def play(src: Path | str, url: str, *, output: Path | str | None = None, fps: float | None = None,
          return_frames: bool = False, limit: int | None = None, window: int = DEFAULT_WINDOW,
-         binary: bool = False, quality: int = stream.DEFAULT_QUALITY) -> Stats:
-    """Play the video file `src` to `url` (see the module's docstring)."""
+         binary: bool = False, quality: int = stream.DEFAULT_QUALITY,
+         headers: dict[str, str] | None = None) -> Stats:
+    """Play the video file `src` to `url` (see the module's docstring); `headers` go with a
+    WebSocket connect (the deployed API's authorisation: a JWT as `Authorization: Bearer`, or
+    `sigv4_headers(url)`)."""
     src = Path(src)
     rate = fps or source_rate(src)
     if output is not None and Path(output).resolve() == src.resolve():
         raise BadInput("output would overwrite the input")
     frames = read_frames(src, quality=quality, limit=limit)
     return asyncio.run(play_async(frames, url, fps=rate, output=output, return_frames=return_frames,
-                                  window=window, binary=binary, quality=quality))
+                                  window=window, binary=binary, quality=quality, headers=headers))
