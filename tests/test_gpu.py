@@ -205,7 +205,8 @@ def worker(aws_env, s3, model_dir, tmp_path_factory):
     env = {**os.environ, **aws_env,
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "shared")]),
            "FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_GPU_BATCH": str(BATCH),
-           "FACEFLOW_GPU_WORKERS": "2", "POWERTOOLS_LOG_LEVEL": "INFO"}
+           "FACEFLOW_GPU_WORKERS": "2", "POWERTOOLS_LOG_LEVEL": "INFO",
+           "FACEFLOW_GPU_GRPC_PORT": "0"}  # no stream service here (tests/test_stream_grpc.py has it)
     env.pop("FACEFLOW_GPU_PORT", None)
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "functions.gpu.server", "serve", "--host", "127.0.0.1",

@@ -109,7 +109,7 @@ def read_frames(src: Path | str, quality: int = stream.DEFAULT_QUALITY, max_byte
                 if limit is not None and n >= limit:
                     return
                 bgr = frame.to_ndarray(format="bgr24")
-                turns = (getattr(frame, "rotation", 0) or 0) // 90 % 4
+                turns = int(round(getattr(frame, "rotation", 0) or 0)) % 360 // 90
                 if turns:  # stored turned: sent as seen
                     bgr = np.ascontiguousarray(np.rot90(bgr, turns))
                 yield encode_jpeg(bgr, quality, max_bytes)
