@@ -258,3 +258,20 @@ def test_sigv4_headers_sign_for_execute_api(monkeypatch):
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
     with pytest.raises(BadInput, match="region"):
         sigv4_headers("ws://127.0.0.1:9/v1")
+
+
+def test_played_through_the_deployed_path(clip, tmp_path, model_dir):
+    """The deployed WebSocket API, locally: devstack's API Gateway stand-in (text messages,
+    32 KiB frames, 128 KiB messages, replies through @connections) in front of two stream
+    function processes with their state in Redis. Every frame comes back and is written."""
+    from conftest import require_services
+    require_services()
+    import devstack
+    with devstack.Stack(functions=("stream",), function_env={"FACEFLOW_MODEL_DIR": str(model_dir)}) as stack:
+        out = tmp_path / "deployed.mp4"
+        stats = play(clip, stack.websocket_url, output=out, fps=10,
+                     headers={"Authorization": f"Bearer {devstack.make_jwt('stream-user')}"})
+    assert stats.frames == CLIP_FRAMES and stats.unanswered == 0 and stats.refused == 0
+    assert stats.done + stats.dropped == CLIP_FRAMES and stats.done >= CLIP_FRAMES // 2
+    assert stats.faces >= stats.done
+    assert count_frames(out) == CLIP_FRAMES
