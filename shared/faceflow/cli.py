@@ -45,12 +45,16 @@ def cmd_anonymize(args) -> int:
     from . import batch
     src = Path(args.input)
     if src.is_dir():
+        if args.from_report:
+            raise BadInput("--from-report renders one photo or video, not a folder")
         return batch.run_batch(args, src, Path(args.output))
     dst = Path(args.output)
     if dst.is_dir():
         dst = dst / src.name
     if dst.resolve() == src.resolve():
         raise BadInput("output would overwrite the input")
+    if args.from_report:
+        return _anonymize_from_report(args, src, dst)
     engine = _engine(args)
     kwargs = {"verify": _verify(args, src)}
     if src.suffix.lower() in batch.VIDEO_EXTENSIONS:
@@ -70,6 +74,27 @@ def cmd_anonymize(args) -> int:
         atomic_write(args.report, json.dumps(report, indent=1).encode())
     faces = report.get("faces") if isinstance(report.get("faces"), int) else len(report.get("faces", []))
     print(f"{src} -> {dst}: {faces} face(s) masked in {report['ms']:.0f} ms", file=sys.stderr)
+    return 0
+
+
+def _anonymize_from_report(args, src: Path, dst: Path) -> int:
+    """Render exactly the faces of an edited report (faceflow.review): no detection, except
+    to follow the boxes drawn by hand on a video."""
+    from . import batch, review
+    from .images import atomic_write
+    report = review.load(Path(args.from_report))
+    if src.suffix.lower() in batch.VIDEO_EXTENSIONS:
+        if args.workers > 1:
+            raise BadInput("--from-report renders a video in one process: leave out --workers")
+        rendered = review.render_video(_engine(args) if review.follows(report) else None, src, dst, report,
+                                       _mask_options(args), _video_options(args), report_out=args.report,
+                                       progress=batch.Progress(src.name) if sys.stderr.isatty() else None)
+    else:
+        rendered = review.render_photo_file(src, dst, report, _mask_options(args))
+        if args.report:
+            atomic_write(args.report, json.dumps(rendered, indent=1).encode())
+    print(f"{src} -> {dst}: {rendered['masked']} face(s) masked as {args.from_report} gives them "
+          f"in {rendered['ms']:.0f} ms", file=sys.stderr)
     return 0
 
 
@@ -210,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mask-scale", type=float, default=1.6, help="mask size relative to the face box")
     a.add_argument("--cells", type=int, default=2, help="detail left across a face (blur/pixelate; lower is stronger)")
     a.add_argument("--report", default=None, help="JSON report (file; a folder for a folder input)")
+    a.add_argument("--from-report", default=None, metavar="EDITED.json",
+                   help="mask exactly the faces of this (edited) report instead of detecting them")
     a.add_argument("--summary", default=None, help="batch summary, .csv or .json (default OUTPUT/faceflow-summary.csv)")
     a.add_argument("--workers", type=int, default=1, help="parallel processes (a folder: files; a video: chunks)")
     a.add_argument("--chunk-seconds", type=float, default=6.0, help="chunk length for a video with --workers > 1")
