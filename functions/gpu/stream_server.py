@@ -13,7 +13,7 @@ server.py starts it beside the HTTP server (`start`); on CPU it serves the same 
 |---|---|---|
 | FACEFLOW_GPU_GRPC_PORT | port of the gRPC stream service; 0: no service | 50051 |
 | FACEFLOW_GPU_STREAM_BATCH | frames per detector call, at most, across streams | 16 |
-| FACEFLOW_GPU_STREAM_DEPTH | frames of one stream admitted and not yet answered | 2 |
+| FACEFLOW_GPU_STREAM_DEPTH | frames of one stream admitted and not yet answered | 3 |
 | FACEFLOW_GPU_STREAMS | streams served at once (more are refused: RESOURCE_EXHAUSTED) | 64 |
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from aws_lambda_powertools import Logger
 from faceflow import stream_pb2_grpc
 from faceflow.stream import ENVELOPE_BYTES, MAX_JPEG_BYTES
 from faceflow.streamgrpc import frame_from_proto, reply_to_proto
-from faceflow.streamhub import Outbox, StreamHub
+from faceflow.streamhub import DEFAULT_DEPTH, Outbox, StreamHub
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "faceflow-gpu"), child=True)
 
@@ -113,7 +113,7 @@ class FaceStream(stream_pb2_grpc.FaceStreamServicer):
 
 
 def serve(engine: Callable[[], object | None], host: str = "0.0.0.0", port: int = DEFAULT_PORT, *,
-          batch: int = 16, depth: int = 2, streams: int = 64) -> tuple[grpc.Server, int, FaceStream]:
+          batch: int = 16, depth: int = DEFAULT_DEPTH, streams: int = 64) -> tuple[grpc.Server, int, FaceStream]:
     """A started gRPC server of the stream service: (server, the port bound, the service).
     `port` 0 binds a free port (tests)."""
     # Each stream holds a thread for its replies and one reads its frames (the reader is
@@ -148,7 +148,7 @@ def start(worker, host: str) -> grpc.Server | None:
     try:
         server, bound, _ = serve(lambda: worker.engine, host, port,
                                  batch=_env_int("FACEFLOW_GPU_STREAM_BATCH", 16, 1),
-                                 depth=_env_int("FACEFLOW_GPU_STREAM_DEPTH", 2, 1),
+                                 depth=_env_int("FACEFLOW_GPU_STREAM_DEPTH", DEFAULT_DEPTH, 1),
                                  streams=_env_int("FACEFLOW_GPU_STREAMS", 64, 1))
     except OSError as exc:
         logger.error("gRPC stream service not started", extra={"reason": str(exc)})
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH)
     parser.add_argument("--providers", default=None, help="onnxruntime providers (cpu, gpu, or a comma list)")
     args = parser.parse_args(argv)
     engine = Engine(providers=args.providers)
