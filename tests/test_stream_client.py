@@ -275,3 +275,51 @@ def test_played_through_the_deployed_path(clip, tmp_path, model_dir):
     assert stats.done + stats.dropped == CLIP_FRAMES and stats.done >= CLIP_FRAMES // 2
     assert stats.faces >= stats.done
     assert count_frames(out) == CLIP_FRAMES
+
+
+def test_replies_out_of_order_or_never(clip):
+    """Over API Gateway two execution environments may answer out of order, and a reply can
+    be lost: every result counts whatever its order, and a frame never answered stops holding
+    its place in the window after the reply timeout (then counts as unanswered)."""
+    from aiohttp import WSMsgType, web
+
+    held = {}
+
+    async def misbehaving(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            frame = stream.parse_message(msg.data)
+            reply = stream.encode_reply({"v": 1, "type": "result", "seq": frame.seq, "timestamp": frame.timestamp,
+                                         "status": "ok", "faces": [], "width": 640, "height": 360, "dropped": 0})
+            if frame.seq == 1:
+                continue                      # lost
+            if frame.seq == 2:
+                held[2] = reply               # answered after frame 3
+                continue
+            await ws.send_str(reply)
+            if frame.seq == 3:
+                await ws.send_str(held.pop(2))
+        return ws
+
+    async def run():
+        app = web.Application()
+        app.router.add_get("/s", misbehaving)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            frames = list(read_frames(clip, limit=12))
+            return await play_async(frames, f"ws://127.0.0.1:{port}/s", fps=25, window=3, reply_timeout_s=0.2,
+                                    final_wait_s=2)
+        finally:
+            await runner.cleanup()
+
+    stats = asyncio.run(run())
+    assert stats.frames == 12 and stats.unanswered == 1, stats.to_dict()
+    assert stats.done + stats.client_dropped == 11 and stats.server_dropped == 0
+    assert stats.done >= 6, "the lost frame holds the window for the reply timeout only"

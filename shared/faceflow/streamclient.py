@@ -50,7 +50,10 @@ DEFAULT_WINDOW = 4          # frames in flight at most
 FINAL_WAIT_S = 10.0         # how long the replies to the last frames are waited for
 MIN_SIDE = 64               # a frame is never reduced below this to fit the JPEG limit
 PREPARED_AHEAD = 8          # frames decoded and encoded ahead of their time
-UNREPORTED = "unreported"   # a frame the server dropped without a reply (see receive())
+# A frame sent and not answered within this many seconds no longer holds its place in the
+# window (a server may drop a frame without a reply when the client reads too slowly; over
+# API Gateway a reply can be lost): it counts as unanswered, and a reply after that is ignored.
+REPLY_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -302,7 +305,7 @@ class Stats:
     server_dropped: int = 0         # "drop" replies
     server_drop_total: int = 0      # the server's own count (the latest reply's `dropped`)
     refused: int = 0                # "error" replies
-    unanswered: int = 0             # sent, no reply by the end
+    unanswered: int = 0             # sent, no reply within REPLY_TIMEOUT_S or by the end
     max_in_flight: int = 0          # the most frames sent and not yet answered at once
     faces: int = 0                  # faces in the results
     latencies_ms: list[float] = field(default_factory=list)
@@ -439,7 +442,8 @@ class _VideoOut:
 async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = stream.DEFAULT_FPS,
                      output: Path | str | None = None, return_frames: bool = False, window: int = DEFAULT_WINDOW,
                      binary: bool = False, method: str = "blur", quality: int = stream.DEFAULT_QUALITY,
-                     final_wait_s: float = FINAL_WAIT_S, headers: dict[str, str] | None = None) -> Stats:
+                     final_wait_s: float = FINAL_WAIT_S, headers: dict[str, str] | None = None,
+                     reply_timeout_s: float = REPLY_TIMEOUT_S) -> Stats:
     """Send `frames` to `url` at `fps` and gather the replies; see the module's docstring."""
     if window < 1:
         raise ValueError("window must be at least 1")
@@ -451,7 +455,6 @@ async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = st
     in_flight: dict[int, float] = {}      # seq -> when it was sent
     settled: dict[int, bytes | None] = {}  # seq -> the returned JPEG (None: none) until written
     sizes: dict[int, tuple[int, int]] = {}
-    slot_free = asyncio.Event()
     writer = _VideoOut(Path(output), fps) if output is not None else None
     next_write = 0
     sending_done = asyncio.Event()
@@ -476,16 +479,9 @@ async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = st
             sent_at = in_flight.pop(seq, None) if isinstance(seq, int) else None
             stats.server_drop_total = max(stats.server_drop_total, int(reply.get("dropped") or 0))
             kind = reply.get("type")
+            if sent_at is None:
+                continue  # a frame given up on (REPLY_TIMEOUT_S), or a second answer to one
             if kind == stream.RESULT:
-                if sent_at is None:
-                    continue  # a second answer to one frame: counted once
-                # Frames are done in order: earlier ones still in flight were dropped and
-                # their drop replies not sent (the server's outbox was full).
-                for earlier in sorted(s for s in in_flight if s < seq):
-                    del in_flight[earlier]
-                    stats.server_dropped += 1
-                    stats.drop_reasons[UNREPORTED] = stats.drop_reasons.get(UNREPORTED, 0) + 1
-                    settle(earlier, None)
                 stats.done += 1
                 stats.faces += len(reply.get("faces", ()))
                 stats.latencies_ms.append((now - sent_at) * 1000)
@@ -495,15 +491,12 @@ async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = st
                 stats.server_dropped += 1
                 reason = str(reply.get("reason"))
                 stats.drop_reasons[reason] = stats.drop_reasons.get(reason, 0) + 1
-                if sent_at is not None:
-                    settle(seq, None)
+                settle(seq, None)
             else:
                 stats.refused += 1
                 code = str(reply.get("code"))
                 stats.errors[code] = stats.errors.get(code, 0) + 1
-                if sent_at is not None:
-                    settle(seq, None)
-            slot_free.set()
+                settle(seq, None)
             if sending_done.is_set() and not in_flight:
                 return
 
@@ -525,6 +518,10 @@ async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = st
                 receiver.result()  # raises what ended it
                 raise ConnectionError("the server closed the stream")
             stats.frames += 1
+            for old in [s for s, sent in in_flight.items() if loop.time() - sent > reply_timeout_s]:
+                del in_flight[old]
+                stats.unanswered += 1
+                settle(old, None)
             if writer is not None:
                 sizes[seq] = (frame.width, frame.height)
             if len(in_flight) >= window:
@@ -545,7 +542,7 @@ async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = st
                 await asyncio.wait_for(asyncio.shield(receiver), timeout=final_wait_s)
             except asyncio.TimeoutError:
                 pass
-        stats.unanswered = len(in_flight)
+        stats.unanswered += len(in_flight)
         for left in sorted(in_flight):
             settle(left, None)
         in_flight.clear()
