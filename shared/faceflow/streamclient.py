@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction

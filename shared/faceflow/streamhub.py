@@ -143,7 +143,8 @@ class HubStream:
                 data = encode_frame(data, binary=True)
             message = parse_message(data, hub.processor.options.max_jpeg_bytes)
         except ProtocolError as exc:
-            self._answer(lambda state: hub.processor.refuse(state or hub.processor.new_state(), exc), slot=False)
+            self._answer(lambda state, error=exc: hub.processor.refuse(state or hub.processor.new_state(), error),
+                         slot=False)
             return
         pushed_out = None
         with hub._cond:
