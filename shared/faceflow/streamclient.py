@@ -170,8 +170,11 @@ class _Prepared:
                 return None
             return item
 
-    def stop(self) -> None:
+    def close(self) -> None:
+        """Stop and wait for the reading thread: one left running in OpenCV or FFmpeg as the
+        interpreter exits aborts the process."""
         self._stop.set()
+        self._thread.join(timeout=10)
 
 
 # --- transports -----------------------------------------------------------------------------
@@ -499,10 +502,11 @@ async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = st
             if sending_done.is_set() and not in_flight:
                 return
 
-    source = _Prepared(frames)
-    await link.connect()
-    receiver = asyncio.create_task(receive())
+    source = receiver = None
     try:
+        await link.connect()
+        source = _Prepared(frames)  # decoding starts once the server is there
+        receiver = asyncio.create_task(receive())
         start = loop.time()
         seq = 0
         while True:
@@ -552,9 +556,11 @@ async def play_async(frames: Iterable[SourceFrame], url: str, *, fps: float = st
             writer = None
         return stats
     finally:
-        source.stop()
-        receiver.cancel()
+        if receiver is not None:
+            receiver.cancel()
         await link.close()
+        if source is not None:
+            await asyncio.to_thread(source.close)
         if writer is not None:
             writer.abort()
 
