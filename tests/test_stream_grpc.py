@@ -139,8 +139,8 @@ def test_overload_drops_frames_counted_never_queued(engine, face):
     drops = [r for r in replies if r["type"] == "drop"]
     results = [r for r in replies if r["type"] == "result"]
     assert drops and all(r["reason"] == "backlog" for r in drops)
-    # Admitted frames are at most `depth` ahead: the results are few, the newest frame is done.
-    assert len(results) < sent / 2 and results[-1]["seq"] == sent - 1
+    # Admitted frames are at most `depth` ahead: of a burst, few frames are done.
+    assert len(results) < sent / 2
     # Each frame is done or counted as dropped (a drop reply that found the outbox full is not
     # sent, but counted all the same).
     assert results[-1]["dropped"] == sent - len(results)
