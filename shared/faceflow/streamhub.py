@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -104,19 +102,13 @@ class Outbox:
         return len(self._items)
 
 
-@dataclass
-class _Waiting:
-    message: FrameMessage
-    arrived: float
-
-
 class HubStream:
     """One client's stream on a hub: its state, its waiting frames, where its replies go."""
 
     def __init__(self, hub: "StreamHub", deliver: Deliver):
         self.hub, self.deliver = hub, deliver
         self.state: dict[str, Any] | None = None
-        self.waiting: deque[_Waiting] = deque()
+        self.waiting: deque[FrameMessage] = deque()  # admitted, not yet taken by the detector
         self.admitted = 0            # frames admitted and not yet answered
         self.ended = False           # no more frames will come
         self.closed = False          # the client is gone: nothing more is sent
@@ -154,11 +146,11 @@ class HubStream:
                 if not self.waiting:  # all of them are being worked on: this one goes
                     pushed_out, message = message, None
                 else:
-                    pushed_out = self.waiting.popleft().message
+                    pushed_out = self.waiting.popleft()
             else:
                 self.admitted += 1
             if message is not None:
-                self.waiting.append(_Waiting(message, time.perf_counter()))
+                self.waiting.append(message)
                 if self not in hub._ready:
                     hub._ready.append(self)
                 hub._cond.notify()
@@ -259,7 +251,7 @@ class StreamHub:
             thread.join(timeout=10)
 
     # --- detection: all streams --------------------------------------------------------------
-    def _next_group(self) -> list[tuple[HubStream, _Waiting]] | None:
+    def _next_group(self) -> list[tuple[HubStream, FrameMessage]] | None:
         with self._cond:
             while not self._ready and not self._closing:
                 self._cond.wait(0.5)
@@ -280,14 +272,14 @@ class StreamHub:
                 self._detected.put(None, timeout=1)
                 return
             items = []
-            for stream, waiting in group:
+            for stream, message in group:
                 try:
-                    items.append([stream, waiting.message, self.processor.decode(waiting.message), None, None])
+                    items.append([stream, message, self.processor.decode(message), None, None])
                 except ProtocolError as exc:
-                    items.append([stream, waiting.message, None, None, exc])
+                    items.append([stream, message, None, None, exc])
                 except Exception as exc:  # noqa: BLE001 - answered and logged, the hub goes on
                     logger.exception("stream frame could not be decoded")
-                    items.append([stream, waiting.message, None, None, exc])
+                    items.append([stream, message, None, None, exc])
             self._detect(items)
             while not self._detected.put(items, timeout=0.5):  # wait for the finishing thread
                 if self._closing:
