@@ -26,9 +26,14 @@ from faceflow import media
 
 UPLOAD_PREFIX = "uploads/"   # the input bucket's trigger prefix: faces masked
 ANALYZE_PREFIX = "analyze/"  # the same, for analysis: only the JSON report is written
-ANONYMIZE, ANALYZE = "anonymize", "analyze"   # a job's operation (faceflow.routing.OPERATIONS)
+# Face swap: a job manifest (SWAP_MANIFEST_SUFFIX) under this prefix names a target and a
+# source face uploaded under it too (functions.common.swapjobs); only manifests trigger.
+SWAP_PREFIX = "swap/"
+SWAP_MANIFEST_SUFFIX = ".json"
+SWAP_MANIFEST_NAME = "manifest.json"   # the one an API job's completion writes: swap/{job_id}/manifest.json
+ANONYMIZE, ANALYZE, SWAP = "anonymize", "analyze", "swap"   # a job's operation (faceflow.routing.OPERATIONS)
 # Which operation an upload under each trigger prefix asks for.
-PREFIX_OPERATIONS = {UPLOAD_PREFIX: ANONYMIZE, ANALYZE_PREFIX: ANALYZE}
+PREFIX_OPERATIONS = {UPLOAD_PREFIX: ANONYMIZE, ANALYZE_PREFIX: ANALYZE, SWAP_PREFIX: SWAP}
 RESULT_PREFIX = "results/"   # where results go in the output bucket
 # The suffixes the input bucket's stills trigger fires for (template.yaml's S3 filters, either
 # case) and the Content-Type of each; tests check the template agrees.

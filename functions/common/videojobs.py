@@ -29,6 +29,7 @@ from faceflow.images import BadInput
 from .aws import make_tracer
 from .jobs import DONE, FAILED
 from .layout import out_index, out_keys, result_keys, work_keys
+from .settings import SWAP
 from .videoruntime import runtime
 
 logger = Logger(service="faceflow-video", child=True)
@@ -127,7 +128,7 @@ def _run_chunk(engine, job_id: str, index: int, plan: dict) -> None:
         dst, report = tmp / f"out{ext}", tmp / "report.json"
         chunk = chunks.Chunk.from_dict({**entry, "path": str(src)})
         summary, _ = chunks.process_chunk(engine, chunk, dst, None, warmup=warmup, lookahead=lookahead,
-                                          info=plan["info"], report=report,
+                                          info=plan["info"], report=report, operation=chunk_operation(engine, plan),
                                           names=(runtime.output_uri(entry["key"]), runtime.output_uri(out_key)))
         runtime.upload(dst, out_key)
         runtime.upload(report, report_key, "application/json")  # last: its presence means done
@@ -135,6 +136,15 @@ def _run_chunk(engine, job_id: str, index: int, plan: dict) -> None:
     metrics.add_metric(name="ChunkMs", unit=MetricUnit.Milliseconds, value=ms)
     metrics.add_metric(name="ChunksDone", unit=MetricUnit.Count, value=1)
     logger.info("chunk done", extra={"ms": ms, "frames": summary.get("frames")})
+
+
+def chunk_operation(engine, plan: dict):
+    """What a chunk's faces get: the mask (None: process_chunk's default) or, for a swap job,
+    the source face's swap (a fresh operation per chunk: it keeps per-track state)."""
+    if plan.get("operation") != SWAP:
+        return None
+    from .swapjobs import read_face, swap_options
+    return engine.swap_operation(read_face(plan["job_id"], plan), swap_options(plan["swap"].get("options") or {}))
 
 
 # --- the merge ----------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from .anonymize import MaskOptions
 from .face import iou
 from .images import BadInput, atomic_write
 from .tracker import Tracker
-from .operations import Mask
+from .operations import Mask, Operation
 from .pipeline import MP4_AUDIO, audio_stream, mux_options, open_input
 from .video import Around, FrameReport, VideoOptions, probe, process_video, stream_rate
 
@@ -304,9 +304,10 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
                   mask_options: MaskOptions | None = None, video_options: VideoOptions | None = None,
                   report: Path | str | None = None, lookahead=None, frame_offset: int | None = None,
                   info: dict | None = None, verify: bool = False,
-                  warmup_s: float | None = None, names: tuple[str, str] | None = None
-                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Anonymise one chunk; returns (summary, state for the next chunk).
+                  warmup_s: float | None = None, names: tuple[str, str] | None = None,
+                  operation: Operation | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Anonymise one chunk (or apply `operation` to its faces instead of the mask: a face
+    swap's); returns (summary, state for the next chunk).
 
     `src_chunk`: a `Chunk` of the split (its `start_frame` numbers the frames) or a path.
     `state`: what the previous chunk's process_chunk returned (stream mode; None for the
@@ -375,7 +376,8 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
                         time_offset=shift, rate=Fraction(enc["rate"]), rotation=enc["rotation"],
                         time_base=Fraction(enc["time_base"]))
         summary, after = process_video(
-            engine, src, dst_chunk, Mask(mask_options or MaskOptions(), engine.detector if verify else None),
+            engine, src, dst_chunk,
+            operation or Mask(mask_options or MaskOptions(), engine.detector if verify else None),
             options, tracker=tracker, frame_offset=first, on_frame=writer, around=around)
         if names:
             summary.update(source=names[0], output=names[1])
