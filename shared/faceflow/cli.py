@@ -1,10 +1,11 @@
-"""The `faceflow` command: anonymize, analyze, models."""
+"""The `faceflow` command: anonymize, analyze, swap, models."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -131,6 +132,73 @@ def cmd_analyze(args) -> int:
     return status
 
 
+def _swap_options(args):
+    from .swap import SwapOptions
+    chosen = {"engine": args.engine} if args.engine else {}
+    return SwapOptions(face_index=args.face_index, largest=args.largest,
+                       tracks=set(args.track) if args.track else None, **chosen)
+
+
+def cmd_swap(args) -> int:
+    """Swap the --face photo's face onto a photo, a video or a folder of them. The source is
+    read and its face found before any output is written."""
+    from . import batch
+    from .images import atomic_write
+    src, dst = Path(args.target), Path(args.output)
+    options = _swap_options(args)
+    source_path = Path(args.face)
+    try:
+        source_bytes = source_path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read the source face photo {source_path}: {exc.strerror}") from None
+    if src.is_dir():
+        if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+            raise BadInput("the output folder must not be the input folder or inside it")
+        jobs, rows = batch.plan(src, dst, Path(args.report) if args.report else None, args.force)
+    else:
+        if dst.is_dir():
+            dst = dst / src.name
+        if dst.resolve() == src.resolve():
+            raise BadInput("output would overwrite the input")
+        jobs, rows = [(str(src), str(dst), args.report)], []
+    engine = _engine(args)
+    prepared = engine.swap_operation(source_bytes, options)  # a source without a face fails here
+    video_options = _video_options(args)
+    progress = batch.Progress("swap", len(jobs)) if src.is_dir() else None
+    for target, output, report in jobs:
+        start = time.perf_counter()
+        row = {"file": target, "output": output, "faces": "", "error": ""}
+        is_video = Path(target).suffix.lower() in batch.VIDEO_EXTENSIONS
+        try:
+            result = engine.swap_file(target, output, prepared, video_options=video_options,
+                                      report=report if is_video else None)
+            if report and not is_video:
+                atomic_write(report, json.dumps(result, indent=1).encode())
+            swapped = (sum(t["frames_swapped"] > 0 for t in result["swapped_tracks"]) if is_video
+                       else result["swapped"])
+            row.update(status="done", faces=swapped)
+            print(f"{target} -> {output}: {swapped} {'track(s)' if is_video else 'face(s)'} swapped "
+                  f"({result['engine']}, marked {result['marking']['digital_source_type'].rsplit('/', 1)[1]})",
+                  file=sys.stderr)
+        except BadInput as exc:
+            if not src.is_dir():
+                raise
+            row.update(status="failed", error=str(exc), output="")
+        row["ms"] = round((time.perf_counter() - start) * 1000, 1)
+        rows.append(row)
+        if progress:
+            progress(len(rows))
+    if not src.is_dir():
+        return 0
+    rows.sort(key=lambda r: r["file"])
+    summary_path = Path(args.summary) if args.summary else dst / "faceflow-summary.csv"
+    batch.write_summary(rows, summary_path)
+    failed = [r for r in rows if r["status"] == "failed"]
+    for r in failed:
+        print(f"  failed: {r['file']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_models(args) -> int:
     if args.action == "fetch":
         bundle.fetch(args.dir, args.only or None, log=lambda m: print(m, file=sys.stderr))
@@ -194,6 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--force", action="store_true", help="with --csv: redo files already in the CSV")
     engine_options(z)
     z.set_defaults(func=cmd_analyze)
+
+    w = sub.add_parser("swap", help="put a source face onto the faces of a photo, video or folder "
+                                    "(the output is marked as synthetic)")
+    w.add_argument("target", help="photo, video or folder")
+    w.add_argument("--face", required=True, help="the source photo (one face; with several the largest, or --face-index)")
+    w.add_argument("-o", "--output", required=True, help="output file, or folder for a folder input")
+    w.add_argument("--face-index", type=int, default=None, help="which face of the source photo, counted left to right from 0")
+    which = w.add_mutually_exclusive_group()
+    which.add_argument("--largest", action="store_true", help="swap only the largest target face")
+    which.add_argument("--track", type=int, action="append", help="swap only this track (video; repeatable; ids from an analyze report)")
+    w.add_argument("--engine", default=None,
+                   help="landmark (default, shipped models) or inswapper (your own inswapper_128.onnx and w600k_r50.onnx in --models)")
+    w.add_argument("--report", default=None, help="JSON report of each swapped face and track (a folder for a folder input)")
+    w.add_argument("--summary", default=None, help="batch summary, .csv or .json (default OUTPUT/faceflow-summary.csv)")
+    w.add_argument("--force", action="store_true", help="redo files whose output is already there")
+    w.add_argument("--no-audio", action="store_true", help="drop audio from videos (kept by default)")
+    w.add_argument("--hold", type=float, default=1.5, help="seconds the tracker follows a lost face in video")
+    w.add_argument("--batch", type=int, default=1, help="video frames per detector call")
+    engine_options(w)
+    w.set_defaults(func=cmd_swap)
 
     m = sub.add_parser("models", help="fetch, verify or list the model bundle")
     m.add_argument("action", choices=["fetch", "verify", "list"])

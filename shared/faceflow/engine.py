@@ -4,6 +4,7 @@
     faces = engine.detect(bgr_image)                   # list[Face]
     result = engine.anonymize_bytes(jpeg_bytes)        # bytes out + report, no files
     report = engine.anonymize_file("in.jpg", "out.jpg")
+    result = engine.swap_bytes(target_jpeg, source_jpeg, SwapOptions())   # face swap, marked
 
 Operations are objects with `apply(pixels, faces) -> pixels` so new ones (face swap) plug in
 beside masking without touching the decode/detect/encode flow.
@@ -25,6 +26,7 @@ from .operations import VERIFY_THRESHOLD, Mask, Operation  # noqa: F401 (re-expo
 
 if TYPE_CHECKING:
     from .analysis import Analyzer
+    from .swap import Swap, SwapOptions
 
 VIDEO_EXTENSIONS = media.VIDEO_EXTENSIONS
 
@@ -53,6 +55,7 @@ class Engine:
         # Analysis models load on first use, one Analyzer per set of attributes asked for.
         self._analysis_options = {"model_dir": model_dir, "providers": providers, "threads": threads}
         self._analyzers: dict[tuple[str, ...], Analyzer] = {}
+        self._swappers: dict[str, Any] = {}  # swap engines by name, loaded on first use
 
     # --- faces ---------------------------------------------------------------------------
     def detect(self, bgr: np.ndarray, threshold: float | None = None) -> list[Face]:
@@ -143,6 +146,77 @@ class Engine:
         picture_format = images.sniff(data)[0]
         result = self.anonymize_bytes(data, options, images.format_for(dst, picture_format),
                                       source=str(src), verify=verify)
+        images.atomic_write(dst, result.data)
+        result.report["output"] = str(dst)
+        return result.report
+
+    # --- face swap ---------------------------------------------------------------------------
+    def swapper(self, name: str):
+        """The swap engine `name` (faceflow.swap.ENGINES), its models loaded on first use."""
+        from .swap import SwapOptions, make_swapper
+        if name not in self._swappers:
+            self._swappers[name] = make_swapper(SwapOptions(engine=name), **self._analysis_options)
+        return self._swappers[name]
+
+    def swap_operation(self, source: "bytes | Swap", options: "SwapOptions | None" = None,
+                       fps: float = 25.0) -> "Swap":
+        """The Operation that pastes the source photo's face (`face_index`, else its largest)
+        onto the faces `options` selects; `fps`: the video's, for the smoothing. `source` may
+        be an operation made before (its prepared face reused, its video state fresh)."""
+        from .swap import Swap, SwapOptions, pick_source_face
+        if isinstance(source, Swap):
+            return source.fresh(fps)
+        options = options or SwapOptions()
+        picture = images.decode(source)
+        bgr = images.to_bgr8(picture.pixels)
+        face = pick_source_face(self.detect(bgr), options.face_index)
+        swapper = self.swapper(options.engine)
+        return Swap(swapper, swapper.prepare(bgr, face), options, fps=fps)
+
+    def swap_bytes(self, target: bytes, source: "bytes | Swap", options: "SwapOptions | None" = None,
+                   out_format: str | None = None, target_name: str = "",
+                   memory_bytes: int | None = None) -> Result:
+        """Swap the source photo's face onto the target photo's faces; the output (the
+        target's format, or `out_format`) carries the synthetic mark (faceflow.synthetic).
+        `source`: the source photo, or an operation from swap_operation."""
+        start = time.perf_counter()
+        fmt = (out_format or images.header(target).format).upper()
+        if not images.can_write(fmt):
+            fmt = "JPEG"
+        operation = self.swap_operation(source, options)
+        picture = images.decode(target, memory_bytes=memory_bytes, out_format=fmt)
+        found = self.process_picture(picture, operation)
+        out = images.encode(picture, fmt, synthetic_mark=operation.digital_source_type)
+        faces = [f.to_dict() for f in found[0]]
+        report = {"source": target_name, "width": picture.width, "height": picture.height,
+                  "format": fmt, "operation": "swap", "engine": operation.engine,
+                  "options": operation.options.to_dict(), "faces": faces,
+                  "swapped": sum(f["swap"]["swapped"] for f in faces),
+                  "marking": operation.marking("image", fmt),
+                  "ms": round((time.perf_counter() - start) * 1000, 1)}
+        if len(found) > 1:
+            report["frames"] = [{"frame": i, "faces": [f.to_dict() for f in faces]}
+                                for i, faces in enumerate(found)]
+        return Result(out, fmt, report)
+
+    def swap_file(self, src: Path | str, dst: Path | str, source: "Path | str | bytes | Swap",
+                  options: "SwapOptions | None" = None, video_options=None,
+                  report: Path | str | None = None, progress=None) -> dict[str, Any]:
+        """Swap onto a photo or a video file (formats, audio, frame count and timing as
+        anonymize_file). `source`: the source photo (path or bytes) or an operation from
+        swap_operation. The source is checked before anything is written."""
+        from .swap import Swap
+        src, dst = Path(src), Path(dst)
+        if not isinstance(source, (bytes, Swap)):
+            source = _read_bytes(Path(source))
+        if src.suffix.lower() in VIDEO_EXTENSIONS:
+            from .video import probe, swap_video
+            operation = self.swap_operation(source, options, fps=probe(src).fps)
+            return swap_video(self, src, dst, operation, report=report, options=video_options,
+                              progress=progress)
+        data = _read_bytes(src)
+        result = self.swap_bytes(data, source, options,
+                                 images.format_for(dst, images.sniff(data)[0]), target_name=str(src))
         images.atomic_write(dst, result.data)
         result.report["output"] = str(dst)
         return result.report

@@ -20,7 +20,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageSequence, UnidentifiedImageError, features
 
-from . import media
+from . import media, synthetic
 
 MAX_PIXELS = int(os.environ.get("FACEFLOW_MAX_PIXELS", 100_000_000))
 MAX_BYTES = int(os.environ.get("FACEFLOW_MAX_IMAGE_BYTES", 200 * 1024 * 1024))
@@ -401,22 +401,36 @@ def can_write(fmt: str) -> bool:
     return fmt in FORMATS
 
 
-def encode(picture: Picture, fmt: str | None = None, quality: int = 92) -> bytes:
-    """Pixels only: the encoders below add no EXIF, XMP, GPS, ICC or text metadata."""
+def encode(picture: Picture, fmt: str | None = None, quality: int = 92,
+           synthetic_mark: str | None = None) -> bytes:
+    """Pixels only: the encoders below add no EXIF, XMP, GPS, ICC or text metadata, except
+    `synthetic_mark` (an IPTC DigitalSourceType URI, for face swaps only): XMP stating it, or
+    a GIF's comment (faceflow.synthetic)."""
     fmt = (fmt or picture.format).upper()
+    data = _encode(picture, fmt, quality, synthetic_mark)
+    if synthetic_mark and fmt in ("JPEG", "PNG", "WEBP"):
+        pixels = picture.pixels
+        data = synthetic.embed_xmp(data, fmt, synthetic.xmp_packet(synthetic_mark),
+                                   (pixels.shape[1], pixels.shape[0]),
+                                   alpha=pixels.ndim == 3 and pixels.shape[2] == 4)
+    return data
+
+
+def _encode(picture: Picture, fmt: str, quality: int, synthetic_mark: str | None) -> bytes:
     if fmt == "GIF":
         frames = picture.frames or [picture.pixels]
         pil = [Image.fromarray(cv2.cvtColor(to_bgr8(f), cv2.COLOR_BGR2RGB)) for f in frames]
         durations = picture.durations or [100] * len(pil)
         out = io.BytesIO()
         # save_all for one frame too: Pillow takes a list of durations only with it
+        extra = {"comment": synthetic.statement(synthetic_mark)} if synthetic_mark else {}
         pil[0].save(out, "GIF", save_all=True, append_images=pil[1:],
                     duration=durations if len(pil) > 1 else durations[0], loop=picture.loop,
-                    optimize=False)
+                    optimize=False, **extra)
         return out.getvalue()
     pixels = picture.pixels
     if fmt in PIL_FORMATS:
-        return _encode_pil(pixels, fmt, quality)
+        return _encode_pil(pixels, fmt, quality, synthetic_mark)
     if fmt == "JPEG":
         if pixels.dtype != np.uint8 or (pixels.ndim == 3 and pixels.shape[2] == 4):
             pixels = to_bgr8(pixels)  # JPEG holds neither 16 bits nor alpha
@@ -440,8 +454,9 @@ def encode(picture: Picture, fmt: str | None = None, quality: int = 92) -> bytes
 _PIL_ENCODER_OPTIONS = {"HEIF": {"enc_params": {"preset": "ultrafast"}}, "AVIF": {"speed": 8}}
 
 
-def _encode_pil(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
-    """HEIF or AVIF, 8-bit, alpha kept; nothing but pixels (no EXIF, XMP or ICC is passed)."""
+def _encode_pil(pixels: np.ndarray, fmt: str, quality: int, synthetic_mark: str | None = None) -> bytes:
+    """HEIF or AVIF, 8-bit, alpha kept; nothing but pixels (no EXIF, XMP or ICC is passed),
+    or with `synthetic_mark` its XMP."""
     alpha = pixels.ndim == 3 and pixels.shape[2] == 4
     if pixels.dtype != np.uint8:
         pixels = (pixels >> 8).astype(np.uint8)
@@ -451,7 +466,8 @@ def _encode_pil(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
         image = Image.fromarray(cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA if alpha else cv2.COLOR_BGR2RGB))
     out = io.BytesIO()
     try:
-        image.save(out, fmt, quality=quality, **_PIL_ENCODER_OPTIONS[fmt])
+        extra = {"xmp": synthetic.xmp_packet(synthetic_mark)} if synthetic_mark else {}
+        image.save(out, fmt, quality=quality, **_PIL_ENCODER_OPTIONS[fmt], **extra)
     except (OSError, ValueError, RuntimeError) as exc:
         raise BadInput(f"could not encode {fmt}: {exc}") from None
     return out.getvalue()

@@ -292,12 +292,18 @@ class Reader:
 
 
 # --- writing ---------------------------------------------------------------------------------
-def mux_options(path: Path, time_base: Fraction) -> dict[str, str]:
+def mux_options(path: Path, time_base: Fraction, tagged: bool = False) -> dict[str, str]:
     """MP4/MOV keep a non-zero start (a chunk's original timestamps) in an edit list counted
-    in the movie timescale, 1/1000 s by default: use the video's own so none is rounded."""
-    if path.suffix.lower() in (".mp4", ".mov", ".m4v", ".m4a") and time_base and time_base.numerator == 1:
-        return {"movie_timescale": str(time_base.denominator)}
-    return {}
+    in the movie timescale, 1/1000 s by default: use the video's own so none is rounded.
+    `tagged`: container metadata is written under its own keys (MP4/MOV drop keys they do
+    not know otherwise)."""
+    options = {}
+    mp4 = path.suffix.lower() in (".mp4", ".mov", ".m4v", ".m4a")
+    if mp4 and time_base and time_base.numerator == 1:
+        options["movie_timescale"] = str(time_base.denominator)
+    if mp4 and tagged:
+        options["movflags"] = "use_metadata_tags"
+    return options
 
 
 def audio_stream(audio_in, out):
@@ -323,18 +329,20 @@ class Encoding:
 
 class Writer:
     """Encodes finished frames and muxes them, with the audio, into a temporary file beside
-    `dst`, on its own thread; `finish()` renames it into place, `abort()` removes it."""
+    `dst`, on its own thread; `finish()` renames it into place, `abort()` removes it.
+    `metadata`: container tags (only a face swap's synthetic mark; none by default)."""
 
     def __init__(self, dst: Path | str, layout: Layout, encoding: Encoding, audio_in=None,
-                 depth: int = WRITE_BEHIND):
+                 depth: int = WRITE_BEHIND, metadata: dict[str, str] | None = None):
         import uuid
         self.dst = Path(dst)
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.dst.with_name(f".{self.dst.stem}.{uuid.uuid4().hex[:8]}.part{self.dst.suffix}")
         self.layout, self.time_base = layout, encoding.time_base
         self.durations: dict[int, int] = {}  # output pts -> frame duration, for the packets
-        self.out = av.open(str(self.tmp), "w", options=mux_options(self.tmp, encoding.time_base))
+        self.out = av.open(str(self.tmp), "w", options=mux_options(self.tmp, encoding.time_base, bool(metadata)))
         try:
+            self.out.metadata.update(metadata or {})
             stream = self.out.add_stream(encoding.codec, rate=encoding.rate)
             stream.width, stream.height, stream.pix_fmt = layout.width, layout.height, layout.pix_fmt
             # Encode in the input's time base: rounding pts to 1/fps could merge frames.

@@ -173,7 +173,8 @@ def process_video(engine, src: Path | str, dst: Path | str | None, operation,
         if dst is not None:
             audio_in = container.streams.audio[0] if options.keep_audio and container.streams.audio else None
             writer = Writer(dst, layout, Encoding(rate, time_base, options.codec, options.preset, options.crf,
-                                                  options.bframes, options.threads), audio_in)
+                                                  options.bframes, options.threads), audio_in,
+                            metadata=getattr(operation, "container_tags", None))  # a swap's mark
             if audio_in is not None:
                 reader.audio_sink = writer.put
         tally = Tally(on_frame, chunk.on_warmup, progress, total=info.frames)
@@ -250,6 +251,23 @@ def anonymize_video(engine, src, dst, mask_options: MaskOptions | None = None,
     try:
         summary, _ = process_video(engine, src, dst, operation, options,
                                    on_frame=writer, progress=progress)
+    finally:
+        if writer:
+            writer.close(summary)
+    return summary
+
+
+def swap_video(engine, src, dst, operation, report: Path | str | None = None,
+               options: VideoOptions | None = None, progress=None) -> dict[str, Any]:
+    """A video through a faceflow.swap.Swap operation; the summary adds what was swapped per
+    track and the synthetic mark (container tags)."""
+    writer = FrameReport(report, str(src)) if report else None
+    summary = None
+    try:
+        summary, _ = process_video(engine, src, dst, operation, options,
+                                   on_frame=writer, progress=progress)
+        summary.update(operation="swap", engine=operation.engine, options=operation.options.to_dict(),
+                       swapped_tracks=operation.tracks(), marking=operation.marking("video"))
     finally:
         if writer:
             writer.close(summary)

@@ -1,0 +1,264 @@
+"""Face swap: the source face (from a photo) pasted onto faces of a photo or a video.
+
+    options = SwapOptions(engine="landmark", largest=True)
+    operation = engine.swap_operation(source_jpeg_bytes, options)   # a faceflow Operation
+    operation.apply(bgr, faces)                                       # photos; video: pipeline.run
+
+Two engines: "landmark" (faceflow.landmarkswap, the shipped face mesh only) and "inswapper"
+(faceflow.inswapper: insightface's INSwapper on an operator's own weights). Which target faces:
+all (default), the largest, or the tracks named (video; ids from an `analyze` report).
+
+On video the landmark engine smooths each track's mesh (a One Euro filter, faceflow.smoothing)
+so the pasted face does not jitter, and fades a face out over FADE_FRAMES frames once the
+detector loses it (the tracker still follows it: a hand in front of it) instead of pasting over
+whatever covers it; it fades back in when the face is found again.
+
+Every output is marked as synthetic (faceflow.synthetic) with the engine's IPTC digital source
+type; `Swap.marking` says how, for the report. A swap runs only when asked for by name: nothing
+else in faceflow builds a Swap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from . import images, synthetic
+from .face import DETECTED, Face
+from .images import BadInput
+from .smoothing import OneEuroFilter
+
+ENGINES = ("landmark", "inswapper")
+DEFAULT_ENGINE = "landmark"
+# Frames over which a lost face's paste fades out, and a found one's fades back in.
+FADE_FRAMES = 5
+
+
+@dataclass
+class SwapOptions:
+    """What to swap: `engine` (ENGINES); the source photo's face (`face_index`, counted left
+    to right, else the largest); the target faces: all, the `largest`, or `tracks` (video)."""
+    engine: str = DEFAULT_ENGINE
+    face_index: int | None = None
+    largest: bool = False
+    tracks: set[int] | None = None
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise BadInput(f"unknown swap engine {self.engine!r}; choose {' or '.join(ENGINES)}")
+        if self.largest and self.tracks:
+            raise BadInput("choose either the largest face or tracks, not both")
+        if self.face_index is not None and self.face_index < 0:
+            raise BadInput("the source face index counts from 0")
+        if self.tracks is not None:
+            self.tracks = {int(t) for t in self.tracks}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine, "face_index": self.face_index, "largest": self.largest,
+                "tracks": None if self.tracks is None else sorted(self.tracks)}
+
+
+def pick_source_face(faces: list[Face], face_index: int | None = None) -> Face:
+    """The source photo's face: `face_index` counted left to right, else the largest; a
+    clear error when there is none."""
+    if not faces:
+        raise BadInput("no face found in the source photo: give a photo with one clear face")
+    if face_index is not None:
+        ordered = sorted(faces, key=lambda f: f.box[0])
+        if face_index >= len(ordered):
+            raise BadInput(f"source face index {face_index} is out of range: the source photo "
+                           f"has {len(ordered)} face(s)")
+        return ordered[face_index]
+    return max(faces, key=lambda f: f.box[2] * f.box[3])
+
+
+@dataclass
+class _Track:
+    """A video track's swap state: its smoothing filter, the points last pasted and the
+    box they were pasted in, its opacity and the frame it was last seen detected."""
+    filter: OneEuroFilter
+    points: np.ndarray | None = None
+    centre: tuple[float, float] | None = None
+    opacity: float = 0.0
+    frame: int = -1
+    frames: int = 0          # frames it was pasted on
+    faded: int = 0           # of those, at reduced opacity
+    skipped: int = 0         # frames with the face not detected and nothing pasted
+
+
+@dataclass
+class Swap:
+    """The swap as a faceflow Operation (`apply(bgr, faces)`). `swapper` is an engine object
+    (LandmarkSwapper or InswapperSwapper) and `source` what its `prepare` made of the source
+    face. `fps` times the smoothing; `smooth=False` turns it off (for the bench's
+    comparison). Each face given to `apply` gets a `swap` attribute (in its report record):
+    the engine, whether it was swapped and at what opacity, or why not; `tracks()` sums it up
+    per track for a video."""
+    swapper: Any
+    source: Any
+    options: SwapOptions = field(default_factory=SwapOptions)
+    fps: float = 25.0
+    smooth: bool = True
+    _tracks: dict[int, _Track] = field(default_factory=dict)
+    _largest_track: int | None = None
+    _frame: int = 0
+
+    def fresh(self, fps: float | None = None) -> "Swap":
+        """The same source and options with no video state (for another file)."""
+        return Swap(self.swapper, self.source, self.options, fps=fps or self.fps, smooth=self.smooth)
+
+    @property
+    def engine(self) -> str:
+        return self.swapper.name
+
+    @property
+    def digital_source_type(self) -> str:
+        return self.swapper.digital_source_type
+
+    @property
+    def container_tags(self) -> dict[str, str]:
+        """Tags the video writer puts in the container (faceflow.synthetic)."""
+        return synthetic.video_tags(self.digital_source_type)
+
+    def marking(self, kind: str, fmt: str | None = None) -> dict[str, Any]:
+        """How the output says it is synthetic, for the report."""
+        where = ("container metadata" if kind == "video" else
+                 "xmp" if (fmt or "").upper() in synthetic.XMP_FORMATS else "gif comment")
+        return {"synthetic": True, "digital_source_type": self.digital_source_type, "where": where}
+
+    def selected(self, faces: list[Face]) -> list[Face]:
+        opts = self.options
+        if opts.tracks is not None:
+            return [f for f in faces if f.track in opts.tracks]
+        if opts.largest and faces:
+            if self._largest_track is not None:  # stay on one face through a video
+                same = [f for f in faces if f.track == self._largest_track]
+                if same:
+                    return same
+            biggest = max(faces, key=lambda f: f.box[2] * f.box[3])
+            self._largest_track = biggest.track
+            return [biggest]
+        return list(faces)
+
+    def apply(self, pixels: np.ndarray, faces: list[Face]) -> np.ndarray:
+        """Swap in place. Pixels other than 8-bit BGR (gray, alpha, 16-bit photos) are
+        swapped on an 8-bit BGR copy and only the pixels the swap changed are written back,
+        in their own layout."""
+        bgr = images.to_bgr8(pixels)
+        if bgr is pixels:
+            self._apply(bgr, faces)
+            return pixels
+        before = bgr.copy()
+        self._apply(bgr, faces)
+        changed = np.any(bgr != before, axis=2)
+        if pixels.ndim == 2:
+            values = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)[changed]
+        else:
+            values = bgr[changed]
+            if pixels.shape[2] == 4:
+                values = np.concatenate([values, pixels[changed][:, 3:]], axis=1)
+        if pixels.dtype == np.uint16:
+            values = values.astype(np.uint16) * 257
+            if pixels.ndim == 3 and pixels.shape[2] == 4:
+                values[:, 3] = pixels[changed][:, 3]  # alpha as it was
+        pixels[changed] = values
+        return pixels
+
+    def _apply(self, bgr: np.ndarray, faces: list[Face]) -> None:
+        chosen = self.selected(faces)
+        chosen_ids = {id(f) for f in chosen}
+        done: dict[int, dict[str, Any]] = {}
+        if chosen:
+            if getattr(self.swapper, "needs_mesh", False):
+                done = self._apply_mesh(bgr, chosen)
+            else:
+                done = self._apply_direct(bgr, chosen)
+        for face in faces:
+            record = {"engine": self.engine, "swapped": False}
+            if id(face) in chosen_ids:
+                record.update(done.get(id(face), {}))
+            else:
+                record["reason"] = "not selected"
+            face.attributes["swap"] = record  # in the face's report record
+        self._frame += 1
+
+    def _apply_direct(self, bgr, faces) -> dict[int, dict[str, Any]]:
+        """Engines that align from the 5 points themselves (INSwapper); on video a face not
+        detected in this frame is left alone."""
+        out = {}
+        for face in faces:
+            if face.landmarks is None or (face.track is not None and face.source != DETECTED):
+                out[id(face)] = {"swapped": False, "reason": "not detected"}
+                self._count(face, pasted=False)
+                continue
+            self.swapper.paste_face(bgr, self.source, face)
+            out[id(face)] = {"swapped": True, "opacity": 1.0}
+            self._count(face, pasted=True)
+        return out
+
+    def _apply_mesh(self, bgr, faces) -> dict[int, dict[str, Any]]:
+        detected = [f for f in faces if f.track is None or f.source == DETECTED]
+        meshes = dict(zip(map(id, detected), self.swapper.meshes(bgr, detected)))
+        out = {}
+        for face in faces:
+            points, opacity = self._points(face, meshes.get(id(face)))
+            pasted = points is not None and opacity > 0 and \
+                self.swapper.paste(bgr, self.source, points, opacity)
+            out[id(face)] = {"swapped": bool(pasted), "opacity": round(opacity, 3) if pasted else 0.0}
+            if not pasted and face.source != DETECTED:
+                out[id(face)]["reason"] = "not detected"
+            self._count(face, pasted, opacity)
+        return out
+
+    def _points(self, face: Face, mesh: np.ndarray | None) -> tuple[np.ndarray | None, float]:
+        """The points to paste on and the opacity: a photo's face as meshed; a video track's
+        smoothed, or (not detected this frame) its last points moved with its box, fading."""
+        if face.track is None:
+            return mesh, 1.0
+        state = self._tracks.get(face.track)
+        if state is None:
+            state = self._tracks[face.track] = _Track(OneEuroFilter(self.fps), opacity=1.0)
+        x, y, w, h = face.box
+        centre = (x + w / 2, y + h / 2)
+        if mesh is not None:
+            steps = self._frame - state.frame if state.frame >= 0 else 1
+            points = state.filter(mesh, face.size, steps) if self.smooth else mesh
+            if state.frame >= 0 and state.opacity < 1.0:
+                state.opacity = min(1.0, state.opacity + 1.0 / FADE_FRAMES)
+            state.points, state.centre, state.frame = points, centre, self._frame
+            return points, state.opacity
+        # lost by the detector: the last points, moved with the tracker's box, fading out
+        state.opacity = max(0.0, state.opacity - 1.0 / FADE_FRAMES)
+        if state.points is None or state.opacity <= 0:
+            return None, 0.0
+        shift = np.subtract(centre, state.centre).astype(np.float32)
+        return state.points + shift, state.opacity
+
+    def _count(self, face: Face, pasted: bool, opacity: float = 1.0) -> None:
+        if face.track is None:
+            return
+        state = self._tracks.get(face.track)
+        if state is None:
+            state = self._tracks[face.track] = _Track(OneEuroFilter(self.fps), opacity=1.0)
+        if pasted:
+            state.frames += 1
+            state.faded += opacity < 1.0
+        else:
+            state.skipped += 1
+
+    def tracks(self) -> list[dict[str, Any]]:
+        """Per track: frames swapped, of them faded, and frames left alone (not detected)."""
+        return [{"track": t, "engine": self.engine, "frames_swapped": s.frames,
+                 "frames_faded": s.faded, "frames_not_swapped": s.skipped}
+                for t, s in sorted(self._tracks.items())]
+
+
+def make_swapper(options: SwapOptions, model_dir=None, providers=None, threads: int = 0):
+    """The engine object for `options.engine`, its models loaded."""
+    if options.engine == "inswapper":
+        from .inswapper import InswapperSwapper
+        return InswapperSwapper(model_dir, providers, threads)
+    from .landmarkswap import LandmarkSwapper
+    return LandmarkSwapper(model_dir)
