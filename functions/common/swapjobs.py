@@ -250,10 +250,10 @@ def swap_photo(job_id: str, bucket: str, manifest: SwapManifest, name: str, face
     """Swap a photo target here and write it, then its report (the report last: done)."""
     runtime = _runtime()
     target = _read_small(bucket, manifest.target, runtime.settings.max_upload_bytes, "target")
-    result = _engine().swap_bytes(target, face, swap_options(manifest.options))
+    result = _engine().swap_bytes(target, face, swap_options(manifest.options), target_name=name,
+                                  memory_bytes=runtime.settings.memory_bytes)
     image_key, report_key = result_keys(job_id, name)
-    report = {"job_id": job_id, "operation": SWAP, **result.report, "source": name,
-              "face_source": PurePosixPath(manifest.source).name}
+    report = {"job_id": job_id, **result.report, "face_source": PurePosixPath(manifest.source).name}
     runtime.s3.put_object(Bucket=runtime.settings.output_bucket, Key=image_key, Body=result.data,
                           ContentType=media.image_media_type(result.format))
     runtime.put_json(report_key, report)
@@ -303,12 +303,14 @@ def swap_whole(job_id: str, name: str, src: Path, face: bytes, manifest: SwapMan
     face_path = tmp / f"face{PurePosixPath(manifest.source).suffix.lower()}"
     face_path.write_bytes(face)
     out_name = output_name(name)
-    dst = tmp / "out" / out_name
+    dst, report_path = tmp / "out" / out_name, tmp / "report.json"
     dst.parent.mkdir()
     runtime.jobs.put(job_id, RUNNING, stage="swap")
-    report = _engine().swap_file(src, dst, face_path, swap_options(manifest.options))
+    _engine().swap_file(src, dst, face_path, swap_options(manifest.options), report=report_path)
     video_key, report_key = result_keys(job_id, out_name)
-    report = {"job_id": job_id, **report, "source": out_name}
+    report = {"job_id": job_id, **json.loads(report_path.read_text()), "source": out_name,
+              "face_source": PurePosixPath(manifest.source).name}
+    report["summary"].update(source=out_name, output=out_name)
     runtime.upload(dst, video_key)
     runtime.put_json(report_key, report)   # last: done
     outputs = {"video": runtime.output_uri(video_key), "report": runtime.output_uri(report_key)}
@@ -328,3 +330,18 @@ def read_face(job_id: str, plan: dict) -> bytes:
     if not key.startswith(work_keys(job_id)["base"]):
         raise BadInput("the plan's swap source is not this job's")
     return runtime.s3.get_object(Bucket=runtime.settings.output_bucket, Key=key)["Body"].read()
+
+
+_prepared: dict[str, Any] = {}   # job id -> its Swap (the source face prepared), the last job only
+
+
+def chunk_operation(engine, plan: dict):
+    """A chunk's swap: the job's source face, prepared once per execution environment, with
+    fresh video state (smoothing, fades) for this chunk."""
+    job_id = plan["job_id"]
+    prepared = _prepared.get(job_id)
+    if prepared is None:
+        prepared = engine.swap_operation(read_face(job_id, plan), swap_options(plan["swap"].get("options") or {}))
+        _prepared.clear()
+        _prepared[job_id] = prepared
+    return engine.swap_operation(prepared, fps=float(plan["info"]["fps"]))

@@ -140,14 +140,26 @@ def _run_chunk(engine, job_id: str, index: int, plan: dict) -> None:
 
 def chunk_operation(engine, plan: dict):
     """What a chunk's faces get: the mask (None: process_chunk's default) or, for a swap job,
-    the source face's swap (a fresh operation per chunk: it keeps per-track state)."""
+    the source face's swap (fresh per chunk: it keeps per-track state)."""
     if plan.get("operation") != SWAP:
         return None
-    from .swapjobs import read_face, swap_options
-    return engine.swap_operation(read_face(plan["job_id"], plan), swap_options(plan["swap"].get("options") or {}))
+    from .swapjobs import chunk_operation as swap_operation
+    return swap_operation(engine, plan)
 
 
 # --- the merge ----------------------------------------------------------------------------------
+
+def swap_marking(path: Path) -> dict[str, Any]:
+    """The synthetic mark of a merged swap, read back from the file: a swap is never delivered
+    without it (a missing one is a defect: the merge fails and is retried)."""
+    import av
+    from faceflow import synthetic
+    with av.open(str(path)) as container:
+        source_type = container.metadata.get(synthetic.DIGITAL_SOURCE_TYPE_TAG)
+    if not source_type:
+        raise RuntimeError("the merged swap lost its synthetic mark")
+    return {"synthetic": True, "digital_source_type": source_type, "where": "container metadata"}
+
 
 def output_name(name: str) -> str:
     """The result keeps the upload's name where its container holds H.264 as it is."""
@@ -191,6 +203,9 @@ def merge_job(job_id: str, plan: dict, token: str | None) -> dict[str, Any]:
             dst.parent.mkdir()
             summary = chunks.merge_chunks(paths, dst, audio=audio, info=plan.get("info"))
             report = {"job_id": job_id, **chunks.merge_reports(reports), "source": name}
+            if plan.get("operation") == SWAP:
+                report.update(operation=SWAP, options=plan["swap"].get("options") or {},
+                              marking=swap_marking(dst))
             video_key, report_key = result_keys(job_id, name)
             runtime.upload(dst, video_key)
             runtime.put_json(report_key, report)

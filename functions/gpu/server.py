@@ -256,6 +256,7 @@ def parse_job(body: bytes) -> Job:
         misplaced = sorted(set(options) & set(MASK_OPTIONS))
         if misplaced:
             raise JobError(400, f"options {misplaced} are not a swap's (its own: {', '.join(SWAP_OPTIONS)})")
+        _swap_options(options)  # refuse bad swap options before any media is read
     elif set(options) & set(SWAP_OPTIONS):
         raise JobError(400, f"options {sorted(set(options) & set(SWAP_OPTIONS))} are a swap's only")
     return Job(job_id, operation, source, output, report, options, face)
@@ -481,33 +482,40 @@ class Worker:
 
     def _swap(self, job: Job, local: Path, kind: str, face: bytes, tmp: Path) -> dict[str, Any]:
         """A swap (faceflow.swap through the engine): the target's faces get the source's; the
-        output carries the synthetic-media marker the engine writes."""
+        output carries the synthetic mark the engine writes. The source is checked (a face in
+        it) before anything is written."""
         from faceflow import images
+        from faceflow.video import VideoOptions
         options = _swap_options(job.options)
         try:
             if kind == "image":
                 data = local.read_bytes()
-                result = self.engine.swap_bytes(data, face, options)
+                result = self.engine.swap_bytes(data, face, options,
+                                                images.format_for(job.output[1], images.sniff(data)[0]),
+                                                target_name=job.input_uri)
                 self._put(job.output, result.data, media.image_media_type(result.format))
-                report = {"job_id": job.job_id, "operation": job.operation, **result.report,
-                          "source": job.input_uri, "face_source": _uri(job.source), "output": _uri(job.output)}
-                frames, faces = 1, len(report.get("faces") or [])
+                report = {"job_id": job.job_id, **result.report, "output": _uri(job.output)}
+                frames, faces = 1, len(report["faces"])
             else:
                 suffix = Path(job.output[1]).suffix.lower()
                 if suffix not in VIDEO_OUTPUTS:
                     raise JobError(400, f"output for a video must end in {', '.join(VIDEO_OUTPUTS)}, not "
                                         f"{suffix or 'no extension'}")
-                dst, face_path = tmp / ("output" + suffix), tmp / "face"
-                face_path.write_bytes(face)
-                report = self.engine.swap_file(local, dst, face_path, options)
-                summary = report.get("summary") or report
-                summary.update(job_id=job.job_id, operation=job.operation, source=job.input_uri,
-                               face_source=_uri(job.source), output=_uri(job.output), providers=self.providers)
+                batch = job.options.get("batch", self.config.batch)
+                video = VideoOptions(batch=batch, max_missing_s=job.options.get("hold", VideoOptions.max_missing_s),
+                                     keep_audio=job.options.get("keep_audio", True))
+                dst, report_path = tmp / ("output" + suffix), tmp / "report.json"
+                self.engine.swap_file(local, dst, face, options, video_options=video, report=report_path)
+                report = json.loads(report_path.read_text())
+                summary = report["summary"]
+                summary.update(job_id=job.job_id, source=job.input_uri, output=_uri(job.output), batch=batch,
+                               providers=self.providers)
                 report["source"] = job.input_uri
-                frames, faces = summary.get("frames", 0), summary.get("faces", 0)
+                frames, faces = summary["frames"], summary["faces"]
                 self._upload(job.output, dst, VIDEO_OUTPUTS[dst.suffix])
         except images.BadInput as exc:
-            raise JobError(422, f"swap of {job.input_uri}: {exc}", "bad_input") from None
+            raise JobError(422, f"swap onto {job.input_uri}: {exc}", "bad_input") from None
+        report["face_source"] = _uri(job.source)
         self._put(job.report, json.dumps(report).encode(), "application/json")  # last: the job is complete
         return self._result(job, kind, job.output, faces, frames)
 

@@ -48,6 +48,7 @@ from typing import Any, Iterator
 
 import av
 
+from . import synthetic
 from .anonymize import MaskOptions
 from .face import iou
 from .images import BadInput, atomic_write
@@ -470,7 +471,8 @@ def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None
     after the other. Chunks keep their timestamps when these continue the previous chunk's;
     a chunk whose clock starts again is moved to where the previous one ended. `audio` (the
     split's audio file) is put back as it is; without it, audio inside the chunks is joined
-    the same way. Every chunk is checked first (there, a video, encoded like the first);
+    the same way. A face swap's synthetic mark (the first chunk's container tags) is kept.
+    Every chunk is checked first (there, a video, encoded like the first);
     `dst` appears complete or not at all. With `info` (the split's), the chunks must cover
     the source's timeline without a gap."""
     start = time.perf_counter()
@@ -518,7 +520,11 @@ def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None
     out = first_in = audio_in_c = None
     try:
         first_in = open_input(ref.path)
-        out = av.open(str(tmp), "w", options=mux_options(tmp, ref.time_base))
+        # a face swap's chunks carry the synthetic mark (faceflow.synthetic): so does the whole
+        source_type = first_in.metadata.get(synthetic.DIGITAL_SOURCE_TYPE_TAG)
+        marks = synthetic.video_tags(source_type) if source_type else {}
+        out = av.open(str(tmp), "w", options=mux_options(tmp, ref.time_base, bool(marks)))
+        out.metadata.update(marks)
         vout = out.add_stream_from_template(first_in.streams.video[0])
         aout = a_template = None
         if audio_path is not None:
