@@ -128,3 +128,40 @@ def test_only_swaps_name_a_source_and_swap_options_are_a_swaps():
     with pytest.raises(JobError, match=r"options \['largest'\] are a swap's only"):
         parse_job(json.dumps({"job_id": "j1", "input": "s3://in-b/uploads/j1/a.jpg", "output": "s3://out-b/r/a.jpg",
                               "options": {"largest": True}}).encode())
+
+
+# --- chunks: the mark survives the merge ----------------------------------------------------------
+
+def test_a_chunked_swap_keeps_its_synthetic_mark_through_the_merge(tmp_path, engine, astronaut_bgr):
+    """Chunks swapped apart (as the chunk workers do) and joined without re-encoding: the whole
+    carries the chunks' container tags; anonymised chunks join into a file without them."""
+    import av
+    import cv2
+
+    from faceflow import chunks, synthetic
+    from stack_client import panning_clip
+    clip = tmp_path / "clip.mp4"
+    panning_clip(clip, astronaut_bgr, 256, 12, 24, 3, gop=6)
+    split = chunks.split_video(clip, tmp_path / "in", target_seconds=0.5)
+    assert len(split.chunks) >= 2
+    face = cv2.imencode(".jpg", cv2.flip(astronaut_bgr, 1))[1].tobytes()
+    prepared = engine.swap_operation(face)
+    for name, operation in (("swapped", lambda: engine.swap_operation(prepared, fps=split.info["fps"])),
+                            ("masked", lambda: None)):
+        outs = []
+        for chunk in split.chunks:
+            outs.append(tmp_path / name / f"{chunk.index}.mp4")
+            chunks.process_chunk(engine, chunk, outs[-1], info=split.info, operation=operation())
+        merged = tmp_path / f"{name}.mp4"
+        chunks.merge_chunks(outs, merged, info=split.info)
+        with av.open(str(outs[0])) as first, av.open(str(merged)) as whole:
+            frames = sum(1 for _ in whole.decode(video=0))
+            tags = dict(whole.metadata)
+            chunk_tags = dict(first.metadata)
+        assert frames == 24
+        if name == "swapped":
+            assert chunk_tags.get(synthetic.DIGITAL_SOURCE_TYPE_TAG) == synthetic.COMPOSITE_SYNTHETIC
+            assert tags.get(synthetic.DIGITAL_SOURCE_TYPE_TAG) == synthetic.COMPOSITE_SYNTHETIC
+            assert "synthetic" in tags.get(synthetic.COMMENT_TAG, "")
+        else:
+            assert synthetic.DIGITAL_SOURCE_TYPE_TAG not in tags and synthetic.COMMENT_TAG not in tags
