@@ -165,3 +165,165 @@ def test_a_chunked_swap_keeps_its_synthetic_mark_through_the_merge(tmp_path, eng
             assert "synthetic" in tags.get(synthetic.COMMENT_TAG, "")
         else:
             assert synthetic.DIGITAL_SOURCE_TYPE_TAG not in tags and synthetic.COMMENT_TAG not in tags
+
+
+# --- through the local stack ----------------------------------------------------------------------
+
+FPS, FRAMES, SIDE = 12, 24, 256   # 2 s at one keyframe a second: 2 chunks of 1 s
+# Low-priority swaps go to the GPU endpoint (functions/gpu/server.py on CPU behind devstack's
+# SageMaker stand-in); no rule here keeps private media off it: faceflow.routing does.
+ROUTING = {"version": 1, "rules": [
+    {"name": "low-priority-swap-on-gpu", "when": {"operation": ["swap"], "priority": ["low"]}, "target": "gpu"}],
+    "default": {"target": "lambda"}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, model_dir):
+    from conftest import require_services
+    require_services()
+    from devstack import Stack
+    rules = tmp_path_factory.mktemp("routing") / "routing.json"
+    rules.write_text(json.dumps(ROUTING))
+    env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_CHUNK_SECONDS": "1", "FACEFLOW_ROUTING_FILE": str(rules)}
+    with Stack(functions=("api", "split", "chunk-worker", "gpu-result"), function_env=env,
+               workdir=tmp_path_factory.mktemp("swap-stack")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def photos(astronaut_bgr) -> dict[str, bytes]:
+    """A public-domain face (skimage's astronaut) as the target, mirrored as the source, and a
+    photo without a face."""
+    import cv2
+    import numpy as np
+    encode = lambda bgr: cv2.imencode(".jpg", bgr)[1].tobytes()  # noqa: E731
+    return {"target": encode(astronaut_bgr), "face": encode(cv2.flip(astronaut_bgr, 1)),
+            "no-face": encode(np.full((240, 320, 3), 128, np.uint8))}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, astronaut_bgr) -> bytes:
+    from stack_client import panning_clip
+    return panning_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", astronaut_bgr, SIDE, FPS, FRAMES, 3, gop=FPS)
+
+
+def put(stack, key: str, body: bytes) -> None:
+    from faceflow import media
+    stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=body, ContentType=media.media_type_for(key))
+
+
+def start_swap(stack, folder: str, target: tuple[str, bytes] | None, face: tuple[str, bytes] | None,
+               **fields) -> str:
+    """Upload the target and the source under swap/{folder}/, then the manifest naming them;
+    the job id the split function's delivery of the manifest gave."""
+    from urllib.parse import unquote_plus
+    body = {}
+    for name, item in (("target", target), ("source", face)):
+        if item is not None:
+            body[name] = f"{SWAP_PREFIX}{folder}/{item[0]}"
+            put(stack, body[name], item[1])
+    key = f"{SWAP_PREFIX}{folder}/job.json"
+    put(stack, key, json.dumps({**body, **fields}).encode())
+
+    def found(deliveries):
+        return [d for d in deliveries if d.outcome == "ok" and d.event and
+                any(unquote_plus(r["s3"]["object"]["key"]) == key for r in d.event["Records"])]
+    (delivery,) = found(stack.pollers["split:s3"].wait_for(lambda ds: bool(found(ds)), 240))
+    (result,) = delivery.result.payload["results"]
+    return result["job_id"]
+
+
+def result_links(stack, job_id: str) -> dict:
+    status, _, body = stack.request("GET", f"/v1/jobs/{job_id}/result")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def nothing_written(stack, job_id: str) -> None:
+    for prefix in (f"results/{job_id}/", f"work/{job_id}/"):
+        listed = stack.s3.list_objects_v2(Bucket=stack.output_bucket, Prefix=prefix)
+        assert "Contents" not in listed, f"a failed swap left {prefix} behind"
+
+
+def test_photo_swap_through_a_manifest_is_marked_as_synthetic(stack, photos):
+    import io
+
+    from PIL import Image
+
+    from faceflow import synthetic
+    from stack_client import wait_for_job
+    job_id = start_swap(stack, "party", ("group.jpg", photos["target"]), ("me.jpg", photos["face"]),
+                        options={"engine": "landmark"})
+    job = wait_for_job(stack, job_id)
+    assert job["status"] == "done" and job["operation"] == "swap" and job["faces"] == 1, job
+    links = result_links(stack, job_id)
+    image, report = fetch(links["image_url"]), json.loads(fetch(links["report_url"]))
+    assert report["operation"] == "swap" and report["engine"] == "landmark" and report["swapped"] == 1
+    assert report["marking"] == {"synthetic": True, "digital_source_type": synthetic.COMPOSITE_SYNTHETIC,
+                                 "where": "xmp"}
+    assert report["source"] == "group.jpg" and report["face_source"] == "me.jpg"
+    with Image.open(io.BytesIO(image)) as picture:
+        assert synthetic.COMPOSITE_SYNTHETIC in str(picture.info.get("xmp", b""))
+        assert picture.size == (512, 512)
+
+
+LARGEST = {"options": {"largest": True}}
+
+
+@pytest.mark.parametrize("folder,fields,route,stage", [
+    ("chunks", LARGEST, "default", "merged"),
+    ("gpu", {**LARGEST, "priority": "low"}, "low-priority-swap-on-gpu", "gpu"),
+    # the rule sends it to the GPU; faceflow.routing keeps private media on Lambda
+    ("private", {**LARGEST, "priority": "low", "sensitivity": "private"}, "low-priority-swap-on-gpu", "merged"),
+    # faces picked by track id (an analysis of the whole video numbers them): one pass, not chunks
+    ("tracks", {"options": {"tracks": [1]}}, "default", "done"),
+])
+def test_video_swap_in_chunks_or_on_the_gpu_keeps_frames_and_its_mark(stack, photos, clip, tmp_path,
+                                                                       folder, fields, route, stage):
+    import av
+
+    from faceflow import synthetic
+    from stack_client import wait_for_job
+    job_id = start_swap(stack, folder, ("greeting.mp4", clip), ("selfie.jpg", photos["face"]), **fields)
+    job = wait_for_job(stack, job_id, timeout=300)
+    assert job["status"] == "done" and job["route"] == route and job["stage"] == stage, job
+    invoked = [i["status"] for i in stack.sagemaker.invocations if i["inferenceId"] == job_id]
+    assert invoked == ([200] if stage == "gpu" else [])
+    if stage == "merged":
+        assert job["progress"]["chunks_done"] == job["progress"]["chunks_total"] == FRAMES // FPS
+    links = result_links(stack, job_id)
+    path = tmp_path / "out.mp4"
+    path.write_bytes(fetch(links["video_url"]))
+    report = json.loads(fetch(links["report_url"]))
+    with av.open(str(path)) as container:
+        assert container.metadata.get(synthetic.DIGITAL_SOURCE_TYPE_TAG) == synthetic.COMPOSITE_SYNTHETIC
+        assert sum(1 for _ in container.decode(video=0)) == FRAMES
+    assert report["marking"]["digital_source_type"] == synthetic.COMPOSITE_SYNTHETIC
+    swapped = [f["swap"]["swapped"] for frame in report["frames"] for f in frame["faces"]]
+    assert len(report["frames"]) == FRAMES and sum(swapped) >= FRAMES - 2, swapped
+
+
+@pytest.mark.parametrize("folder,target,face,fields,reason", [
+    ("no-face", ("greeting.mp4", "clip"), ("wall.jpg", "no-face"), {}, "no face found in the source photo"),
+    ("photo-no-face", ("group.jpg", "target"), ("wall.jpg", "no-face"), {}, "no face found in the source photo"),
+    ("no-source", ("group.jpg", "target"), None, {}, "source is required"),
+    ("video-source", ("group.jpg", "target"), ("me.mp4", "clip"), {}, "must be a photo"),
+    ("not-a-photo", ("group.jpg", "target"), ("me.jpg", "bytes"), {}, "the source must be a photo"),
+    ("lost-target", None, ("me.jpg", "face"), {"target": "swap/lost-target/gone.jpg"}, "not in the input bucket"),
+])
+def test_a_bad_swap_fails_with_the_reason_and_writes_nothing(stack, photos, clip, folder, target, face, fields,
+                                                             reason):
+    from stack_client import wait_for_job
+    media_of = {**photos, "clip": clip, "bytes": b"not a photo at all"}
+    job_id = start_swap(stack, folder, target and (target[0], media_of[target[1]]),
+                        face and (face[0], media_of[face[1]]), **fields)
+    job = wait_for_job(stack, job_id)
+    assert job["status"] == "failed" and reason in job["error"], job
+    status, _, body = stack.request("GET", f"/v1/jobs/{job_id}/result")
+    assert status == 410 and reason in json.loads(body)["message"]
+    nothing_written(stack, job_id)

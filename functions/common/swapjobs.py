@@ -310,14 +310,15 @@ def swap_whole(job_id: str, name: str, src: Path, face: bytes, manifest: SwapMan
     video_key, report_key = result_keys(job_id, out_name)
     report = {"job_id": job_id, **json.loads(report_path.read_text()), "source": out_name,
               "face_source": PurePosixPath(manifest.source).name}
-    report["summary"].update(source=out_name, output=out_name)
+    summary = report["summary"]
+    summary.update(source=out_name, output=out_name)
+    report.update(operation=SWAP, options=summary["options"], marking=summary["marking"])
     runtime.upload(dst, video_key)
     runtime.put_json(report_key, report)   # last: done
     outputs = {"video": runtime.output_uri(video_key), "report": runtime.output_uri(report_key)}
     ms = round((time.perf_counter() - start) * 1000, 1)
-    summary = report.get("summary") or {}
-    runtime.jobs.put(job_id, DONE, stage="done", outputs=outputs, faces=summary.get("faces"),
-                     frames=summary.get("frames"), ms=ms)
+    runtime.jobs.put(job_id, DONE, stage="done", outputs=outputs, faces=summary["faces"], frames=summary["frames"],
+                     ms=ms)
     metrics.add_metric(name="JobsDone", unit=MetricUnit.Count, value=1)
     logger.info("video swapped whole", extra={"ms": ms})
     return {"job_id": job_id, "status": DONE, "outputs": outputs}

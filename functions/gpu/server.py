@@ -510,7 +510,8 @@ class Worker:
                 summary = report["summary"]
                 summary.update(job_id=job.job_id, source=job.input_uri, output=_uri(job.output), batch=batch,
                                providers=self.providers)
-                report["source"] = job.input_uri
+                report.update(source=job.input_uri, operation=job.operation, options=summary["options"],
+                              marking=summary["marking"])  # where a photo's report has them
                 frames, faces = summary["frames"], summary["faces"]
                 self._upload(job.output, dst, VIDEO_OUTPUTS[dst.suffix])
         except images.BadInput as exc:
