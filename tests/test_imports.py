@@ -69,3 +69,11 @@ def test_no_import_cycle_in_the_core_package():
     edges = graph()
     assert {"engine", "video", "chunks", "pipeline"} <= set(edges)
     assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_the_core_package_never_imports_its_http_surface():
+    # faceflow.web (the HTTP API's models and routes, `faceflow serve`) sits on top of the core
+    # like the CLI: the core must import without Powertools, pydantic or aiohttp.
+    importers = sorted(name for name, path in ((p.stem, p) for p in PACKAGE.glob("*.py"))
+                       if name not in ("__init__", "cli") and "web" in imports_of(path))
+    assert importers == []
