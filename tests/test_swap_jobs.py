@@ -170,6 +170,7 @@ def test_a_chunked_swap_keeps_its_synthetic_mark_through_the_merge(tmp_path, eng
 # --- through the local stack ----------------------------------------------------------------------
 
 FPS, FRAMES, SIDE = 12, 24, 256   # 2 s at one keyframe a second: 2 chunks of 1 s
+SYNC_LIMIT = 1024 * 1024          # POST /v1/swap's body limit here (below what the API stand-in takes)
 # Low-priority swaps go to the GPU endpoint (functions/gpu/server.py on CPU behind devstack's
 # SageMaker stand-in); no rule here keeps private media off it: faceflow.routing does.
 ROUTING = {"version": 1, "rules": [
@@ -184,7 +185,8 @@ def stack(tmp_path_factory, model_dir):
     from devstack import Stack
     rules = tmp_path_factory.mktemp("routing") / "routing.json"
     rules.write_text(json.dumps(ROUTING))
-    env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_CHUNK_SECONDS": "1", "FACEFLOW_ROUTING_FILE": str(rules)}
+    env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_CHUNK_SECONDS": "1", "FACEFLOW_ROUTING_FILE": str(rules),
+           "FACEFLOW_MAX_SYNC_BYTES": str(SYNC_LIMIT)}
     with Stack(functions=("api", "split", "chunk-worker", "gpu-result"), function_env=env,
                workdir=tmp_path_factory.mktemp("swap-stack")) as running:
         yield running
@@ -327,3 +329,102 @@ def test_a_bad_swap_fails_with_the_reason_and_writes_nothing(stack, photos, clip
     status, _, body = stack.request("GET", f"/v1/jobs/{job_id}/result")
     assert status == 410 and reason in json.loads(body)["message"]
     nothing_written(stack, job_id)
+
+
+# --- through the HTTP API -------------------------------------------------------------------------
+
+ERROR_KEYS = {"message", "status"}
+
+
+def form(**files: bytes) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body with `files` (name -> bytes) and its Content-Type."""
+    boundary = "faceflow-swap-test-boundary"
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}.jpg\"\r\n"
+                    f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n" for name, data in files.items())
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_sync_swap_of_a_small_photo_is_marked_as_synthetic(stack, photos):
+    import io
+
+    from PIL import Image
+
+    from faceflow import synthetic
+    body, headers = form(target=photos["target"], source=photos["face"])
+    status, answer_headers, image = stack.request("POST", "/v1/swap?largest=true", body=body, headers=headers)
+    assert status == 200, image[:300]
+    assert answer_headers["content-type"] == "image/jpeg" and answer_headers["x-faceflow-faces"] == "1"
+    with Image.open(io.BytesIO(image)) as picture:
+        assert synthetic.COMPOSITE_SYNTHETIC in str(picture.info.get("xmp", b""))
+
+
+@pytest.mark.parametrize("query,files,content_type,status,message", [
+    ("", {"target": "target"}, None, 400, "needs a non-empty file named source"),
+    ("", {"source": "face"}, None, 400, "needs a non-empty file named target"),
+    ("", {"target": "target", "source": "empty"}, None, 400, "needs a non-empty file named source"),
+    ("", {"target": "target", "source": "no-face"}, None, 400, "no face found in the source photo"),
+    ("", {"target": "bytes", "source": "face"}, None, 400, "not an image"),
+    ("?face_index=3", {"target": "target", "source": "face"}, None, 400, "out of range"),
+    ("?engine=deepfake", {"target": "target", "source": "face"}, None, 400, "invalid request"),
+    ("?face_index=-1", {"target": "target", "source": "face"}, None, 400, "invalid request"),
+    ("", {"target": "target", "source": "face"}, "image/jpeg", 415, "multipart/form-data"),
+    ("", {"target": "huge", "source": "face"}, None, 413, "too large"),
+])
+def test_sync_swap_refuses_bad_input_with_the_error_shape(stack, photos, query, files, content_type, status,
+                                                          message):
+    media_of = {**photos, "empty": b"", "bytes": b"not a photo at all", "huge": b"\xff" * SYNC_LIMIT}
+    body, headers = form(**{name: media_of[what] for name, what in files.items()})
+    if content_type:
+        headers = {"Content-Type": content_type}
+    got, _, answer = stack.request("POST", f"/v1/swap{query}", body=body, headers=headers)
+    error = json.loads(answer)
+    assert got == status and set(error) == ERROR_KEYS and error["status"] == status, error
+    assert message in error["message"], error
+
+
+def test_swap_job_through_the_api_with_a_second_upload(stack, photos):
+    from faceflow import synthetic
+    from stack_client import upload_to, wait_for_job
+    status, _, body = stack.request("POST", "/v1/jobs", {"filename": "group.jpg", "operation": "swap",
+                                                         "source_filename": "me.jpg",
+                                                         "swap_options": {"largest": True}})
+    assert status == 201, body
+    created = json.loads(body)
+    job_id = created["job_id"]
+    assert created["complete_url"] == f"/v1/jobs/{job_id}/complete"
+    upload_to(created, photos["target"])
+    # completing before the source is there starts nothing
+    status, _, body = stack.request("POST", created["complete_url"])
+    assert status == 409 and "source face photo" in json.loads(body)["message"], body
+    upload_to({"upload": created["source_upload"]}, photos["face"])
+    status, _, body = stack.request("POST", created["complete_url"])
+    assert status == 202, body
+    job = wait_for_job(stack, job_id)
+    assert job["status"] == "done" and job["operation"] == "swap", job
+    links = result_links(stack, job_id)
+    report = json.loads(fetch(links["report_url"]))
+    assert report["swapped"] == 1 and report["marking"]["digital_source_type"] == synthetic.COMPOSITE_SYNTHETIC
+    assert synthetic.COMPOSITE_SYNTHETIC.encode() in fetch(links["image_url"])
+    assert report["options"]["largest"] is True and report["face_source"] == "me.jpg"
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"filename": "group.jpg", "operation": "swap"}, "a swap needs source_filename"),
+    ({"filename": "group.jpg", "source_filename": "me.jpg"}, "a swap's"),
+    ({"filename": "group.jpg", "operation": "analyze", "swap_options": {"largest": True}}, "a swap's"),
+    ({"filename": "group.jpg", "operation": "swap", "source_filename": "me.mp4"}, "source_filename"),
+    ({"filename": "group.jpg", "operation": "swap", "source_filename": "me.jpg",
+      "swap_options": {"tracks": [1]}}, "tracks picks faces of a video"),
+    ({"filename": "clip.mp4", "operation": "swap", "source_filename": "me.jpg",
+      "swap_options": {"tracks": [1], "largest": True}}, "either the largest face or tracks"),
+    ({"filename": "group.jpg", "operation": "swap", "source_filename": "me.jpg",
+      "swap_options": {"colour": "red"}}, "swap_options.colour"),
+    ({"filename": "group.jpg", "operation": "swap", "source_filename": "me.jpg",
+      "swap_options": {"engine": "deepfake"}}, "swap_options.engine"),
+    ({"filename": "group.jpg", "operation": "swap", "source_filename": "me.jpg",
+      "source_content_type": "video/mp4"}, "source_content_type"),
+])
+def test_swap_job_requests_are_checked(stack, fields, message):
+    status, _, body = stack.request("POST", "/v1/jobs", fields)
+    error = json.loads(body)
+    assert status == 400 and set(error) == ERROR_KEYS and message in error["message"], error

@@ -34,7 +34,7 @@ TRIGGER_PREFIXES = (UPLOAD_PREFIX, ANALYZE_PREFIX)
 SWAP_PREFIX = "swap/"   # the same: a face swap's uploads, of which only its manifest (.json) triggers
 ROUTES = {("POST", "/v1/jobs"), ("GET", "/v1/jobs/{id}"), ("GET", "/v1/jobs/{id}/result"),
           ("GET", "/v1/jobs/{id}/upload"), ("POST", "/v1/jobs/{id}/complete"),
-          ("POST", "/v1/analyze"), ("POST", "/v1/anonymize")}
+          ("POST", "/v1/analyze"), ("POST", "/v1/anonymize"), ("POST", "/v1/swap")}
 # Managed policies SAM attaches (logs, X-Ray via Tracing: Active, ENIs via VpcConfig):
 # explicit actions only. Anything else attached to a function role is a finding.
 ALLOWED_MANAGED_POLICIES = {
@@ -403,10 +403,11 @@ def test_function_policies_are_least_privilege(template):
     assert _grants(_function_statements(template, "StillsFunction")) == {
         *((a, uploads) for uploads in inputs for a in ("s3:GetObject", "s3:GetObjectVersion", "s3:GetObjectTagging")),
         ("s3:PutObject", results)}
+    swaps = f"{arn}{inp}/{SWAP_PREFIX}*"   # a swap's uploads; its completion checks them and writes the manifest
     assert _grants(_function_statements(template, "ApiFunction")) == {
-        *((a, uploads) for uploads in inputs
+        *((a, uploads) for uploads in (*inputs, swaps)
           for a in ("s3:PutObject", "s3:ListMultipartUploadParts", "s3:AbortMultipartUpload")),
-        ("s3:GetObject", results)}
+        ("s3:GetObject", swaps), ("s3:GetObject", results)}
 
 
 def test_no_circular_reference_between_buckets_and_function_roles(template):

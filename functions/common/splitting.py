@@ -86,7 +86,7 @@ def split_upload(upload: dict) -> dict[str, Any]:
             return refuse(job_id, exc)
 
 
-def refuse(job_id: str, exc: BadInput) -> dict[str, Any]:
+def refuse(job_id: str, exc: Exception) -> dict[str, Any]:
     """The job failed for good with the reason (bad input: a retry would not help)."""
     runtime.jobs.put(job_id, FAILED, error=str(exc))
     metrics.add_metric(name="JobsFailed", unit=MetricUnit.Count, value=1)

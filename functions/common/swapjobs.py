@@ -35,6 +35,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
 from faceflow import media, routing
+from faceflow.bundle import ModelError
 from faceflow.images import BadInput
 
 from .aws import job_for_key, make_tracer
@@ -228,7 +229,7 @@ def run_manifest(upload: dict) -> dict[str, Any]:
         if manifest.target_kind == "image":
             return swap_photo(job_id, bucket, manifest, name, face, start)
         return swap_video(job_id, bucket, manifest, name, face, existing, start)
-    except BadInput as exc:
+    except (BadInput, ModelError) as exc:  # ModelError: an engine whose weights the operator did not supply
         return splitting.refuse(job_id, exc)
 
 

@@ -485,6 +485,7 @@ class Worker:
         output carries the synthetic mark the engine writes. The source is checked (a face in
         it) before anything is written."""
         from faceflow import images
+        from faceflow.bundle import ModelError
         from faceflow.video import VideoOptions
         options = _swap_options(job.options)
         try:
@@ -516,6 +517,8 @@ class Worker:
                 self._upload(job.output, dst, VIDEO_OUTPUTS[dst.suffix])
         except images.BadInput as exc:
             raise JobError(422, f"swap onto {job.input_uri}: {exc}", "bad_input") from None
+        except ModelError as exc:  # an engine whose weights the operator did not supply
+            raise JobError(400, str(exc), "unavailable") from None
         report["face_source"] = _uri(job.source)
         self._put(job.report, json.dumps(report).encode(), "application/json")  # last: the job is complete
         return self._result(job, kind, job.output, faces, frames)
