@@ -7,7 +7,7 @@
 | FACEFLOW_REDIS_URL | redis:// or rediss:// URL of the job store and idempotency records | required |
 | FACEFLOW_JOB_TTL_S | how long job records live | 604800 (7 days) |
 | FACEFLOW_MAX_UPLOAD_BYTES | largest object the stills function will read | 26214400 (25 MiB) |
-| FACEFLOW_MAX_SYNC_BYTES | largest body POST /v1/analyze and /v1/anonymize accept | 5242880 (5 MiB) |
+| FACEFLOW_MAX_SYNC_BYTES | largest body POST /v1/analyze, /v1/anonymize and /v1/swap accept | 5242880 (5 MiB) |
 | FACEFLOW_URL_TTL_S | lifetime of presigned upload/download URLs | 900 |
 | AWS_LAMBDA_FUNCTION_MEMORY_SIZE | Lambda's own (MB): the memory budget images are checked against before decoding (faceflow.images.pixel_budget) | unset: FACEFLOW_MEMORY_MB, else the machine's memory |
 | FACEFLOW_MODEL_DIR | model bundle (baked into the image at /opt/faceflow/models) | see faceflow.bundle |
