@@ -224,7 +224,8 @@ def submit_to_gpu(job_id: str, name: str, input_uri: str, decision: routing.Deci
         _, report_key = result_keys(job_id, name)
     sub = gpu.submit(job_id, input_uri, None if operation == ANALYZE else runtime.output_uri(video_key),
                      operation=operation, report_uri=runtime.output_uri(report_key), source_uri=source_uri,
-                     options=options, request_bucket=runtime.settings.output_bucket, s3=runtime.s3, runtime=runtime.sagemaker)
+                     options=options, request_bucket=runtime.settings.output_bucket, s3=runtime.s3,
+                     runtime=runtime.sagemaker)
     runtime.jobs.put(job_id, RUNNING, stage=GPU_STAGE, route=decision.rule_name, route_target=decision.target,
                      **sub.job_fields())
     metrics.add_metric(name="JobsSubmittedToGpu", unit=MetricUnit.Count, value=1)

@@ -438,8 +438,8 @@ def read_swap_pair(app: ApiGatewayResolver, limit: int) -> tuple[bytes, bytes]:
         part = parts.get(name)
         payload = part.get_payload(decode=True) if part is not None else None
         if not payload:
-            raise BadRequestError(f"the multipart body needs a non-empty file named {name} "
-                                  f"({'the photo whose faces are swapped' if name == 'target' else 'the face to put in'})")
+            what = "the photo whose faces are swapped" if name == "target" else "the face to put in"
+            raise BadRequestError(f"the multipart body needs a non-empty file named {name} ({what})")
         found.append(payload)
     return found[0], found[1]
 
