@@ -87,6 +87,26 @@ def test_options_are_what_faceflow_swap_takes():
         swap_options(check_options({"largest": True, "tracks": [1]}, "video"))
 
 
+def test_a_swap_manifest_whose_retries_are_spent_fails_its_job():
+    """The failure function finds the job of a manifest the split function never finished: an
+    API job's own id (swap/{job_id}/manifest.json), else the id derived from the object."""
+    from functions.common import failures
+    from functions.common.jobs import job_id_for_object
+    event = json.loads((EVENTS / "s3_swap_manifest.json").read_text())
+    context = {"functionArn": "arn:aws:lambda:us-east-1:123456789012:function:ff-split:live",
+               "condition": "RetriesExhausted", "approximateInvokeCount": 3}
+    timed_out = {"errorType": "Sandbox.Timedout", "errorMessage": "Task timed out after 900.00 seconds"}
+    record = {"requestContext": context, "requestPayload": event, "responsePayload": timed_out}
+    (failure,) = failures.from_destination_record(record)
+    s3 = event["Records"][0]["s3"]
+    assert failure.job_id == job_id_for_object(s3["bucket"]["name"], s3["object"]["key"], s3["object"]["versionId"])
+    assert failure.reason.startswith("processing failed after 3 attempts: timed out after 900 s")
+    api_job = "4f9c2a7e1b3d4c5a8e6f7a9b0c1d2e3f"
+    s3["object"]["key"] = f"{SWAP_PREFIX}{api_job}/manifest.json"
+    (failure,) = failures.from_destination_record(record)
+    assert failure.job_id == api_job
+
+
 # --- the GPU worker's descriptor ------------------------------------------------------------------
 
 def swap_descriptor(**overrides) -> bytes:
