@@ -234,13 +234,13 @@ def put(stack, key: str, body: bytes) -> None:
     stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=body, ContentType=media.media_type_for(key))
 
 
-def start_swap(stack, folder: str, target: tuple[str, bytes] | None, face: tuple[str, bytes] | None,
+def start_swap(stack, folder: str, target_file: tuple[str, bytes] | None, face_file: tuple[str, bytes] | None,
                **fields) -> str:
     """Upload the target and the source under swap/{folder}/, then the manifest naming them;
     the job id the split function's delivery of the manifest gave."""
     from urllib.parse import unquote_plus
     body = {}
-    for name, item in (("target", target), ("source", face)):
+    for name, item in (("target", target_file), ("source", face_file)):
         if item is not None:
             body[name] = f"{SWAP_PREFIX}{folder}/{item[0]}"
             put(stack, body[name], item[1])
@@ -337,6 +337,7 @@ def test_video_swap_in_chunks_or_on_the_gpu_keeps_frames_and_its_mark(stack, pho
     ("video-source", ("group.jpg", "target"), ("me.mp4", "clip"), {}, "must be a photo"),
     ("not-a-photo", ("group.jpg", "target"), ("me.jpg", "bytes"), {}, "the source must be a photo"),
     ("lost-target", None, ("me.jpg", "face"), {"target": "swap/lost-target/gone.jpg"}, "not in the input bucket"),
+    ("not-a-video", ("greeting.mp4", "bytes"), ("me.jpg", "face"), {}, "not a readable video"),
 ])
 def test_a_bad_swap_fails_with_the_reason_and_writes_nothing(stack, photos, clip, folder, target, face, fields,
                                                              reason):

@@ -29,7 +29,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from faceflow import chunks, routing
+from faceflow import chunks, media, routing
 from faceflow.images import BadInput
 
 from . import gpu
@@ -97,9 +97,10 @@ def refuse(job_id: str, exc: Exception) -> dict[str, Any]:
 def chunk_video(job_id: str, name: str, input_uri: str, src: Path, tmp: Path, start: float,
                 swap: dict[str, Any] | None = None) -> dict[str, Any]:
     """Cut the downloaded video into chunks, store them, the audio and the plan under
-    work/{job_id}/, and queue one message per chunk. `swap` (a swap job's {"source": key of the
-    source photo under work/, "options"}) goes into the plan for the chunk workers. BadInput
-    when the video cannot be split (nothing queued)."""
+    work/{job_id}/, and queue one message per chunk. `swap` (a swap job's {"face": the source
+    photo's bytes, "suffix": its extension, "options"}): the photo is stored beside the chunks
+    and the plan names it and the options for the chunk workers. BadInput when the video
+    cannot be split (nothing is written)."""
     jobs = runtime.jobs
     keys = work_keys(job_id)
     split = chunks.split_video(src, tmp / "chunks", target_seconds=runtime.video.chunk_seconds)
@@ -116,7 +117,10 @@ def chunk_video(job_id: str, name: str, input_uri: str, src: Path, tmp: Path, st
     plan = {"job_id": job_id, "name": name, "source": input_uri, "chunks": plan_chunks, "audio": audio,
             "info": split.info}
     if swap is not None:
-        plan.update(operation=SWAP, swap=swap)
+        face_key = f"{keys['base']}face{swap['suffix']}"
+        runtime.s3.put_object(Bucket=runtime.settings.output_bucket, Key=face_key, Body=swap["face"],
+                              ContentType=media.media_type_for(face_key))
+        plan.update(operation=SWAP, swap={"source": face_key, "options": swap["options"]})
     runtime.put_json(keys["plan"], plan)
     total = len(plan_chunks)
     runtime.video_jobs.plan(job_id, total, runtime.output_uri(keys["plan"]))

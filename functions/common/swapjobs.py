@@ -288,11 +288,8 @@ def swap_video(job_id: str, bucket: str, manifest: SwapManifest, name: str, face
         runtime.jobs.put(job_id, RUNNING, route=decision.rule_name, route_target=decision.target)
         if manifest.options.get("tracks"):
             return swap_whole(job_id, name, src, face, manifest, tmp, start)
-        face_key = f"{work_keys(job_id)['base']}face{PurePosixPath(manifest.source).suffix.lower()}"
-        runtime.s3.put_object(Bucket=runtime.settings.output_bucket, Key=face_key, Body=face,
-                              ContentType=media.media_type_for(manifest.source))
-        return splitting.chunk_video(job_id, name, input_uri, src, tmp, start,
-                                     swap={"source": face_key, "options": manifest.options})
+        return splitting.chunk_video(job_id, name, input_uri, src, tmp, start, swap={
+            "face": face, "suffix": PurePosixPath(manifest.source).suffix.lower(), "options": manifest.options})
 
 
 def swap_whole(job_id: str, name: str, src: Path, face: bytes, manifest: SwapManifest, tmp: Path,
