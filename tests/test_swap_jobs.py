@@ -206,7 +206,7 @@ def stack(tmp_path_factory, model_dir):
     rules = tmp_path_factory.mktemp("routing") / "routing.json"
     rules.write_text(json.dumps(ROUTING))
     env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_CHUNK_SECONDS": "1", "FACEFLOW_ROUTING_FILE": str(rules),
-           "FACEFLOW_MAX_SYNC_BYTES": str(SYNC_LIMIT)}
+           "FACEFLOW_MAX_SYNC_BYTES": str(SYNC_LIMIT), "FACEFLOW_MULTIPART_THRESHOLD_BYTES": "1"}  # any size: parts
     with Stack(functions=("api", "split", "chunk-worker", "gpu-result"), function_env=env,
                workdir=tmp_path_factory.mktemp("swap-stack")) as running:
         yield running
@@ -427,6 +427,41 @@ def test_swap_job_through_the_api_with_a_second_upload(stack, photos):
     assert report["swapped"] == 1 and report["marking"]["digital_source_type"] == synthetic.COMPOSITE_SYNTHETIC
     assert synthetic.COMPOSITE_SYNTHETIC.encode() in fetch(links["image_url"])
     assert report["options"]["largest"] is True and report["face_source"] == "me.jpg"
+
+
+def test_video_swap_job_through_the_api_with_a_multipart_upload(stack, photos, clip, tmp_path):
+    """A target large enough for parts: its completion joins them only once the source is there."""
+    import av
+
+    from faceflow import synthetic
+    from stack_client import upload_to, wait_for_job
+    status, _, body = stack.request("POST", "/v1/jobs", {"filename": "greeting.mp4", "operation": "swap",
+                                                         "size": len(clip), "source_filename": "selfie.png"})
+    assert status == 201, body
+    created = json.loads(body)
+    (part,) = created["upload"]["parts"]
+    assert created["upload"]["method"] == "multipart" and created["source_upload"]["headers"] == {
+        "Content-Type": "image/png"}
+    # an explicit type: moto's server stores urllib's default (form-urlencoded) bodies empty
+    put = urllib.request.Request(part["url"], data=clip, method="PUT",
+                                 headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(put, timeout=60) as response:
+        assert response.status == 200
+    status, _, body = stack.request("POST", created["complete_url"])
+    assert status == 409 and "source face photo" in json.loads(body)["message"], body
+    assert json.loads(stack.request("GET", created["upload"]["status_url"])[2])["missing"] == []  # not joined
+    import cv2
+    import numpy as np
+    face_png = cv2.imencode(".png", cv2.imdecode(np.frombuffer(photos["face"], np.uint8), cv2.IMREAD_COLOR))[1]
+    upload_to({"upload": created["source_upload"]}, face_png.tobytes())
+    status, _, body = stack.request("POST", created["complete_url"])
+    assert status == 202, body
+    job = wait_for_job(stack, created["job_id"], timeout=300)
+    assert job["status"] == "done" and job["operation"] == "swap" and job["stage"] == "merged", job
+    path = tmp_path / "greeting.mp4"
+    path.write_bytes(fetch(result_links(stack, created["job_id"])["video_url"]))
+    with av.open(str(path)) as container:
+        assert container.metadata.get(synthetic.DIGITAL_SOURCE_TYPE_TAG) == synthetic.COMPOSITE_SYNTHETIC
 
 
 @pytest.mark.parametrize("fields,message", [
