@@ -2,8 +2,9 @@
 
 Reading checks the header before decoding (type, pixel count, and the memory that decoding and
 processing will take against a budget), honours EXIF orientation and refuses truncated files.
-Writing re-encodes pixels only (no EXIF, XMP, GPS, ICC or text chunks survive) into a temporary
-name beside the target, then renames it. HEIC/HEIF (pillow-heif) and AVIF (Pillow) are read
+Writing re-encodes pixels only (no EXIF, XMP, GPS, ICC or text chunks survive; a face swap's
+output alone gets its synthetic mark, faceflow.synthetic) into a temporary name beside the
+target, then renames it. HEIC/HEIF (pillow-heif) and AVIF (Pillow) are read
 through Pillow; the others through OpenCV.
 """
 from __future__ import annotations

@@ -79,8 +79,11 @@ class Layout:
         if self.pix_fmt == "yuv444p":
             return [data[0], data[1], data[2]]
         w, h = data.shape[1], data.shape[0] * 2 // 3
-        u = data[h:h + h // 4].reshape(h // 2, w // 2)
-        v = data[h + h // 4:].reshape(h // 2, w // 2)
+        # The planes lie one after the other; a chroma plane need not fill whole rows of
+        # `data` (a height of 4k + 2: 270, 510), so they are cut from the flat pixels.
+        flat, quarter = data.reshape(-1), (h // 2) * (w // 2)
+        u = flat[h * w:h * w + quarter].reshape(h // 2, w // 2)
+        v = flat[h * w + quarter:].reshape(h // 2, w // 2)
         return [data[:h], u, v]
 
     def pack(self, planes: list[np.ndarray]) -> np.ndarray:

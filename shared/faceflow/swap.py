@@ -19,7 +19,7 @@ else in faceflow builds a Swap.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -166,15 +166,59 @@ class Swap:
         pixels[changed] = values
         return pixels
 
-    def _apply(self, bgr: np.ndarray, faces: list[Face]) -> None:
+    # --- video frames in the encoder's layout ----------------------------------------------
+    works_on_planes = True
+
+    def apply_planes(self, planes: list[np.ndarray], subsampling: tuple[int, int],
+                     faces: list[Face]) -> None:
+        """Swap on a video frame's Y, U, V planes (pipeline.operate): only the region around
+        the faces goes to BGR and back (a 720p frame's two full conversions cost more than
+        the swap of a small face), and only the pixels the swap changed are written back."""
+        import av  # only video frames come here
+        region = _region(planes[0].shape, faces, subsampling)
+        if region is None:  # no faces (or none inside the frame)
+            for face in faces:
+                face.attributes["swap"] = {"engine": self.engine, "swapped": False,
+                                           "reason": "outside the picture"}
+            self._frame += 1
+            return
+        x0, y0, x1, y1 = region
+        sx, sy = subsampling
+        fmt = "yuv420p" if subsampling == (2, 2) else "yuv444p"
+        parts = [planes[0][y0:y1, x0:x1], planes[1][y0 // sy:y1 // sy, x0 // sx:x1 // sx],
+                 planes[2][y0 // sy:y1 // sy, x0 // sx:x1 // sx]]
+        data = (np.concatenate([p.ravel() for p in parts]).reshape((y1 - y0) * 3 // 2, x1 - x0)
+                if fmt == "yuv420p" else np.ascontiguousarray(np.stack(parts)))
+        bgr = av.VideoFrame.from_ndarray(data, format=fmt).to_ndarray(format="bgr24")
+        before = bgr.copy()
+        self._apply(bgr, faces, offset=(x0, y0))
+        changed = np.any(bgr != before, axis=2)
+        if not changed.any():
+            return
+        back = av.VideoFrame.from_ndarray(bgr, format="bgr24").reformat(format=fmt).to_ndarray()
+        h, w = changed.shape
+        if fmt == "yuv420p":
+            flat, quarter = back.ravel(), (h // 2) * (w // 2)   # planes one after the other
+            new = [flat[:h * w].reshape(h, w), flat[h * w:h * w + quarter].reshape(h // 2, w // 2),
+                   flat[h * w + quarter:].reshape(h // 2, w // 2)]
+            chroma_changed = changed.reshape(h // 2, 2, w // 2, 2).any(axis=(1, 3))
+        else:
+            new, chroma_changed = [back[0], back[1], back[2]], changed
+        parts[0][changed] = new[0][changed]
+        parts[1][chroma_changed] = new[1][chroma_changed]
+        parts[2][chroma_changed] = new[2][chroma_changed]
+
+    def _apply(self, bgr: np.ndarray, faces: list[Face], offset: tuple[int, int] = (0, 0)) -> None:
+        """Swap the selected faces; `bgr` may be a region of the picture whose top left
+        corner is `offset` (faces and the tracks' state stay in the picture's pixels)."""
         chosen = self.selected(faces)
         chosen_ids = {id(f) for f in chosen}
         done: dict[int, dict[str, Any]] = {}
         if chosen:
             if getattr(self.swapper, "needs_mesh", False):
-                done = self._apply_mesh(bgr, chosen)
+                done = self._apply_mesh(bgr, chosen, np.float32(offset))
             else:
-                done = self._apply_direct(bgr, chosen)
+                done = self._apply_direct(bgr, chosen, offset)
         for face in faces:
             record = {"engine": self.engine, "swapped": False}
             if id(face) in chosen_ids:
@@ -184,7 +228,7 @@ class Swap:
             face.attributes["swap"] = record  # in the face's report record
         self._frame += 1
 
-    def _apply_direct(self, bgr, faces) -> dict[int, dict[str, Any]]:
+    def _apply_direct(self, bgr, faces, offset=(0, 0)) -> dict[int, dict[str, Any]]:
         """Engines that align from the 5 points themselves (INSwapper); on video a face not
         detected in this frame is left alone."""
         out = {}
@@ -193,19 +237,20 @@ class Swap:
                 out[id(face)] = {"swapped": False, "reason": "not detected"}
                 self._count(face, pasted=False)
                 continue
-            self.swapper.paste_face(bgr, self.source, face)
+            self.swapper.paste_face(bgr, self.source, _shifted(face, offset))
             out[id(face)] = {"swapped": True, "opacity": 1.0}
             self._count(face, pasted=True)
         return out
 
-    def _apply_mesh(self, bgr, faces) -> dict[int, dict[str, Any]]:
+    def _apply_mesh(self, bgr, faces, offset) -> dict[int, dict[str, Any]]:
         detected = [f for f in faces if f.track is None or f.source == DETECTED]
-        meshes = dict(zip(map(id, detected), self.swapper.meshes(bgr, detected)))
+        found = self.swapper.meshes(bgr, [_shifted(f, offset) for f in detected])
+        meshes = {id(f): m + offset for f, m in zip(detected, found)}
         out = {}
         for face in faces:
             points, opacity = self._points(face, meshes.get(id(face)))
             pasted = points is not None and opacity > 0 and \
-                self.swapper.paste(bgr, self.source, points, opacity)
+                self.swapper.paste(bgr, self.source, points - offset, opacity, still=face.track is None)
             out[id(face)] = {"swapped": bool(pasted), "opacity": round(opacity, 3) if pasted else 0.0}
             if not pasted and face.source != DETECTED:
                 out[id(face)]["reason"] = "not detected"
@@ -226,11 +271,11 @@ class Swap:
             steps = self._frame - state.frame if state.frame >= 0 else 1
             points = state.filter(mesh, face.size, steps) if self.smooth else mesh
             if state.frame >= 0 and state.opacity < 1.0:
-                state.opacity = min(1.0, state.opacity + 1.0 / FADE_FRAMES)
+                state.opacity = min(1.0, round(state.opacity + 1.0 / FADE_FRAMES, 6))
             state.points, state.centre, state.frame = points, centre, self._frame
             return points, state.opacity
         # lost by the detector: the last points, moved with the tracker's box, fading out
-        state.opacity = max(0.0, state.opacity - 1.0 / FADE_FRAMES)
+        state.opacity = max(0.0, round(state.opacity - 1.0 / FADE_FRAMES, 6))  # 0 after FADE_FRAMES
         if state.points is None or state.opacity <= 0:
             return None, 0.0
         shift = np.subtract(centre, state.centre).astype(np.float32)
@@ -253,6 +298,42 @@ class Swap:
         return [{"track": t, "engine": self.engine, "frames_swapped": s.frames,
                  "frames_faded": s.faded, "frames_not_swapped": s.skipped}
                 for t, s in sorted(self._tracks.items())]
+
+
+def _shifted(face: Face, offset) -> Face:
+    """The face in the pixels of a region whose top left corner is `offset` (the same
+    attributes dict, so what is recorded on it lands on the face)."""
+    dx, dy = float(offset[0]), float(offset[1])
+    if dx == 0 and dy == 0:
+        return face
+    x, y, w, h = face.box
+    return replace(face, box=(x - dx, y - dy, w, h),
+                   landmarks=None if face.landmarks is None else face.landmarks - np.float32([dx, dy]))
+
+
+# Around each face, the region a swap reads and writes, in face sizes from its centre: the mesh
+# sees a square 1.5 sizes wide (facemesh.ROI_SCALE), and the paste reaches a little past it.
+REGION_REACH = 1.0
+
+
+def _region(shape: tuple[int, int], faces: list[Face], subsampling: tuple[int, int]):
+    """(x0, y0, x1, y1) around every face, on the chroma grid; None without faces."""
+    if not faces:
+        return None
+    h, w = shape
+    sx, sy = subsampling
+    x0 = y0 = np.inf
+    x1 = y1 = -np.inf
+    for f in faces:
+        cx, cy = f.box[0] + f.box[2] / 2, f.box[1] + f.box[3] / 2
+        reach = REGION_REACH * f.size
+        x0, y0 = min(x0, cx - reach), min(y0, cy - reach)
+        x1, y1 = max(x1, cx + reach), max(y1, cy + reach)
+    x0, y0 = max(0, int(x0) // sx * sx), max(0, int(y0) // sy * sy)
+    x1, y1 = min(w, -(-int(np.ceil(x1)) // sx) * sx), min(h, -(-int(np.ceil(y1)) // sy) * sy)
+    if x1 - x0 < 2 * sx or y1 - y0 < 2 * sy:
+        return None
+    return x0, y0, x1, y1
 
 
 def make_swapper(options: SwapOptions, model_dir=None, providers=None, threads: int = 0):
