@@ -9,7 +9,9 @@
   on-failure destination), SQS event source mappings (chunk worker, session chunks, the
   failure function), SNS → the GPU result function,
 - an API Gateway HTTP API (payload 2.0) stand-in in front of the api function (template.yaml's
-  routes; optional JWT or IAM caller identity).
+  routes; optional JWT or IAM caller identity),
+- an API Gateway WebSocket API stand-in in front of the stream function's processes, with the
+  `@connections` Management API its replies are posted to.
 
     from devstack import Stack
     with Stack() as stack:
@@ -25,6 +27,7 @@ from .procs import DevstackError, free_port
 from .runtime_api import FunctionInitError, InvokeResult, RuntimeAPI
 from .services import MotoServer, RedisServer, missing_tools
 from .stack import Stack
+from .websocket_api import WebSocketApi
 
 
 def skip_reason() -> str | None:
@@ -33,6 +36,6 @@ def skip_reason() -> str | None:
     return "; ".join(problems) if problems else None
 
 
-__all__ = ["Stack", "InvokeResult", "RuntimeAPI", "LambdaFunction", "HttpApi", "SqsS3Poller", "AsyncPoller", "SqsEventSource", "Delivery",
+__all__ = ["Stack", "InvokeResult", "RuntimeAPI", "LambdaFunction", "HttpApi", "WebSocketApi", "SqsS3Poller", "AsyncPoller", "SqsEventSource", "Delivery",
            "MotoServer", "RedisServer", "DevstackError", "FunctionInitError", "build_event", "make_jwt", "sigv4_headers",
            "normalize_s3_event", "s3_event", "free_port", "missing_tools", "skip_reason"]

@@ -2,7 +2,8 @@
 awslambdaric process behind its Runtime API stand-in, the event deliveries (S3 → stills and
 split as asynchronous invocations with retries and the on-failure destination; SQS event
 source mappings for the chunk worker, the session function and the failure function; SNS →
-the GPU result function), and the HTTP API stand-in.
+the GPU result function), the HTTP API stand-in, and the WebSocket API stand-in in front of
+the stream function (`stream_processes` processes of it).
 
     with Stack() as stack:                      # real handlers from functions/, wiring from template.yaml
         stack.s3.put_object(Bucket=stack.input_bucket, Key="uploads/a.jpg", Body=data,
@@ -35,6 +36,7 @@ from .sagemaker import AsyncEndpoint, GpuWorker
 from .services import MotoServer, RedisServer, missing_tools
 from .template import FunctionConfig, GetAtt, Ref, TemplateConfig
 from .template import load as load_template
+from .websocket_api import WebSocketApi
 
 log = logging.getLogger("devstack")
 
@@ -72,7 +74,7 @@ class Stack:
                  memory_size: int | None = None, init_timeout: float = 180.0,
                  wait_ready: bool = True, poll: bool = True, functions: Iterable[str] | None = None,
                  handlers: Mapping[str, str] | None = None, timeouts: Mapping[str, float] | None = None,
-                 gpu: bool | None = None):
+                 gpu: bool | None = None, stream_processes: int = 2):
         self.root = Path(root or ROOT).resolve()
         self.template_path = (self.root / template) if template is not None else None
         self.template = load_template(self.template_path) if self.template_path else TemplateConfig()
@@ -106,10 +108,16 @@ class Stack:
         self.init_timeout = init_timeout
         self.wait_ready = wait_ready
         self.poll = poll
+        # The stream function runs as this many processes behind the WebSocket API stand-in,
+        # which sends consecutive messages to different ones (as Lambda may).
+        self.stream_processes = max(1, stream_processes) if "stream" in self.specs else 0
+        self.websocket_api: WebSocketApi | None = None
+        self.stream_functions: list[LambdaFunction] = []  # functions["stream"] is the first
 
         logs = self.workdir / "logs"
         self.logs: dict[str, Path] = {name: logs / f"{name}.log"
-                                      for name in ("moto", "redis", "stills", "api", "gpu-worker", *self.specs)}
+                                      for name in ("moto", "redis", "stills", "api", "gpu-worker", *self.specs,
+                                                   *self.stream_process_names[1:])}
         self.moto = MotoServer(self.logs["moto"])
         self.redis = RedisServer(self.workdir / "redis", self.logs["redis"])
         self.functions: dict[str, LambdaFunction] = {}
@@ -121,6 +129,11 @@ class Stack:
         self.topics: dict[str, str] = {}                # template topic logical id → ARN
         self._clients: dict[str, Any] = {}
         self.started = False
+
+    @property
+    def stream_process_names(self) -> list[str]:
+        """The stream function's processes: "stream", "stream-2", ... (their `logs` keys)."""
+        return ["stream" if i == 0 else f"stream-{i + 1}" for i in range(self.stream_processes)]
 
     def _from_template(self, handler: str | None, attribute: str, default: Any) -> Any:
         config = self.template.functions.get(handler or "")
@@ -173,6 +186,10 @@ class Stack:
         return self.http_api.url if self.http_api is not None else None
 
     @property
+    def websocket_url(self) -> str | None:
+        return self.websocket_api.url if self.websocket_api is not None else None
+
+    @property
     def stills_log(self) -> Path:
         return self.logs["stills"]
 
@@ -192,6 +209,10 @@ class Stack:
                "DEVSTACK_WORKDIR": str(self.workdir)}
         if self.api_url:
             env["DEVSTACK_API_URL"] = self.api_url
+        if self.websocket_api is not None:
+            # boto3's own variable: the stream function posts its replies to the stand-in
+            env["AWS_ENDPOINT_URL_APIGATEWAYMANAGEMENTAPI"] = self.websocket_api.management_url
+            env["DEVSTACK_WEBSOCKET_URL"] = self.websocket_api.url
         if self.sagemaker is not None:
             # functions/common/gpu.py submits here (template.yaml sets the name only with a GPU)
             env["FACEFLOW_GPU_ENDPOINT"] = self.gpu_endpoint_name
@@ -265,13 +286,22 @@ class Stack:
             self._create_resources()
             if self.gpu:
                 self._start_gpu()
+            if self.stream_processes:
+                self.websocket_api = WebSocketApi([], auth=self.api_auth, account_id=ACCOUNT_ID, region=self.region)
+                self.websocket_api.start()
             for name, spec in self.specs.items():
-                function = LambdaFunction(f"faceflow-{name}", spec.handler, env=self.function_env(name, spec.handler),
-                                          cwd=self.root, log_path=self.logs[name], timeout=spec.timeout or 30.0,
-                                          pickup_timeout=self.init_timeout, memory_size=self._memory(spec.handler),
-                                          region=self.region, account_id=ACCOUNT_ID)
-                self.functions[name] = function
-                function.start()
+                for process in (self.stream_process_names if name == "stream" else [name]):
+                    function = LambdaFunction(f"faceflow-{name}", spec.handler,
+                                              env=self.function_env(name, spec.handler), cwd=self.root,
+                                              log_path=self.logs[process], timeout=spec.timeout or 30.0,
+                                              pickup_timeout=self.init_timeout, memory_size=self._memory(spec.handler),
+                                              region=self.region, account_id=ACCOUNT_ID)
+                    if name == "stream":
+                        self.stream_functions.append(function)
+                    self.functions.setdefault(name, function)
+                    function.start()
+            if self.websocket_api is not None:
+                self.websocket_api.invokers.extend(function.invoke for function in self.stream_functions)
             if "api" in self.functions:
                 self.http_api = HttpApi(self.functions["api"].invoke, routes=self.api_routes, auth=self.api_auth,
                                         account_id=ACCOUNT_ID)
@@ -279,7 +309,7 @@ class Stack:
             self._start_deliveries()
             if self.wait_ready:
                 deadline = time.monotonic() + self.init_timeout
-                for function in self.functions.values():
+                for function in [*self.functions.values(), *self.stream_functions[1:]]:
                     function.wait_ready(max(0.1, deadline - time.monotonic()))
                 if self.gpu_worker is not None:
                     self.gpu_worker.wait_ready(max(0.1, deadline - time.monotonic()))
@@ -296,8 +326,10 @@ class Stack:
         steps.extend(poller.signal_stop for poller in pollers)
         if self.http_api is not None:
             steps.append(self.http_api.stop)
+        if self.websocket_api is not None:
+            steps.append(self.websocket_api.stop)
         # stopping a function fails its pending invocations, which frees the poller
-        steps.extend(function.stop for function in self.functions.values())
+        steps.extend(function.stop for function in [*self.functions.values(), *self.stream_functions[1:]])
         steps.extend((lambda poller=poller: poller.stop(timeout=15)) for poller in pollers)
         if self.sagemaker is not None:
             steps.append(self.sagemaker.stop)
@@ -312,8 +344,10 @@ class Stack:
         self.poller = None
         self.pollers = {}
         self.http_api = None
+        self.websocket_api = None
         self.sagemaker = self.gpu_worker = None
         self.functions = {}
+        self.stream_functions = []
         self._clients.clear()
         self.started = False
         if self._own_workdir:
@@ -622,6 +656,10 @@ class Stack:
         if self.api_url:
             lines.append(f"http api       {self.api_url}  auth={self.api_auth} "
                          f"routes={self.api_routes or '$default'}")
+        if self.websocket_api is not None:
+            lines.append(f"websocket api  {self.websocket_api.url}  auth={self.api_auth} -> "
+                         f"{len(self.stream_process_names)} stream processes; @connections "
+                         f"{self.websocket_api.management_url}")
         for name, function in self.functions.items():
             lines.append(f"{name:<14} {function.handler}  runtime api {function.runtime.address}  "
                          f"log {function.log_path}")

@@ -46,6 +46,7 @@ from faceflow.web.api import (
 )
 from functions.common.aws import Adapters, make_tracer, result_keys
 from functions.common.jobs import DONE, FAILED, QUEUED, new_job_id
+from functions.common.review import review_fields
 from functions.common.settings import ANALYZE, ANALYZE_PREFIX, ANONYMIZE, SWAP, SWAP_MANIFEST_NAME, UPLOAD_PREFIX
 from functions.common.swapjobs import manifest_key
 from functions.video.config import VideoSettings
@@ -138,15 +139,20 @@ def create_job(request: JobRequest) -> JobCreated:
         raise ServiceError(413, f"a video of {size} bytes is over the limit of {video_settings.max_video_bytes}")
     if size is not None and size > MAX_MULTIPART_BYTES:
         raise ServiceError(413, f"{size} bytes is over the limit of {MAX_MULTIPART_BYTES}")
-    job_id = new_job_id()
     operation = request.operation or ANONYMIZE
+    report = None if request.report is None else json.dumps(request.report, separators=(",", ":"))
+    if report is not None and operation != ANONYMIZE:
+        raise BadRequestError("report: an edited report is rendered by an anonymize job, not an analysis or a swap")
+    if report is not None and len(report) > api.MAX_REPORT_BYTES:
+        raise ServiceError(413, f"report: {len(report)} bytes of JSON is over the limit of {api.MAX_REPORT_BYTES}")
+    job_id = new_job_id()
     swap = swap_fields(request, job_id, is_video)
     key = manifest_key(job_id, request.filename) if swap else \
         f"{ANALYZE_PREFIX if operation == ANALYZE else UPLOAD_PREFIX}{job_id}/{request.filename}"
     content_type = request.content_type or UPLOAD_CONTENT_TYPES[suffix]
     record = dict(owner=caller(), input=f"s3://{settings.input_bucket}/{key}", media="video" if is_video else "image",
                   sensitivity=request.sensitivity, priority=request.priority, operation=operation,
-                  **(swap["record"] if swap else {}))
+                  **review_fields(report), **(swap["record"] if swap else {}))
     if size is not None and size >= MULTIPART_THRESHOLD_BYTES:
         upload_id = adapters.s3.create_multipart_upload(
             Bucket=settings.input_bucket, Key=key, ContentType=content_type)["UploadId"]

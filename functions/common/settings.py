@@ -12,6 +12,8 @@
 | AWS_LAMBDA_FUNCTION_MEMORY_SIZE | Lambda's own (MB): the memory budget images are checked against before decoding (faceflow.images.pixel_budget) | unset: FACEFLOW_MEMORY_MB, else the machine's memory |
 | FACEFLOW_MODEL_DIR | model bundle (baked into the image at /opt/faceflow/models) | see faceflow.bundle |
 | FACEFLOW_GPU_ENDPOINT | SageMaker async endpoint jobs may be routed to (functions/common/gpu.py; set by template.yaml only when the GPU part is deployed) | unset: no GPU |
+| FACEFLOW_JWT_ISSUER | JWT issuer the WebSocket API's `$connect` authorizer accepts (functions/stream/authorizer.py; AuthMode JWT only) | unset |
+| FACEFLOW_JWT_AUDIENCE | its accepted audiences, comma separated | unset |
 | AWS_ENDPOINT_URL | boto3's own: points S3/SQS/SageMaker at moto in tests | unset (AWS) |
 
 The video functions' own variables (FACEFLOW_CHUNK_QUEUE_URL, FACEFLOW_CHUNK_SECONDS,

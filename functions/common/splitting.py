@@ -16,6 +16,9 @@ A video under the analysis prefix (`analyze/`, an API job with "operation": "ana
 analysed here, whole, and only its JSON report is written (`results/{job_id}/{name}.json`:
 faces per frame, attributes on a sample of each track's faces, one summary per track), unless
 a routing rule sends it to the GPU endpoint, which analyses too.
+
+A video job created with an edited report (functions.common.review) is rendered here, whole:
+exactly the report's faces, no detection, nothing split or routed.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from . import gpu
 from .aws import job_for_key, make_tracer, operation_for_key
 from .jobs import DONE, FAILED, RUNNING
 from .layout import audio_key, chunk_key, result_keys, s3_uri, work_keys
+from .review import edited_report
 from .settings import ANALYZE, ANONYMIZE, SWAP
 from .videojobs import output_name
 from .videoruntime import runtime
@@ -74,8 +78,11 @@ def split_upload(upload: dict) -> dict[str, Any]:
         src = Path(tmp) / f"source{Path(name).suffix.lower() or '.mp4'}"
         try:
             size = runtime.download(upload["bucket"], upload["key"], src)
-            decision = route_video(upload, src, size, existing)
             operation = operation_for_key(upload["key"]) or ANONYMIZE
+            edited = edited_report(existing) if operation == ANONYMIZE else None
+            if edited is not None:
+                return render_upload(job_id, name, src, edited, start)
+            decision = route_video(upload, src, size, existing)
             if decision.target == "gpu":
                 return submit_to_gpu(job_id, name, input_uri, decision, operation)
             if operation == ANALYZE:
@@ -159,6 +166,31 @@ def analyze_upload(job_id: str, name: str, src: Path, decision: routing.Decision
     runtime.jobs.put(job_id, DONE, stage="done", outputs=outputs, faces=report["summary"]["faces"], ms=ms)
     metrics.add_metric(name="JobsDone", unit=MetricUnit.Count, value=1)
     logger.info("video analysed", extra={"tracks": len(report["tracks"]), "ms": ms})
+    return {"job_id": job_id, "status": DONE, "outputs": outputs}
+
+
+@tracer.capture_method
+def render_upload(job_id: str, name: str, src: Path, edited: dict, start: float) -> dict[str, Any]:
+    """A job created with an edited report (faceflow.review): its faces rendered here, whole,
+    with no detection (the engine loads only to follow boxes drawn by hand), never routed to
+    the GPU endpoint; the video and the rendered report written as a merged job's are."""
+    from faceflow import review
+    runtime.jobs.put(job_id, RUNNING, stage="review")
+    video_key, report_key = result_keys(job_id, output_name(name))
+    with tempfile.TemporaryDirectory(prefix="faceflow-review-") as tmp:
+        dst, rendered = Path(tmp) / output_name(name), Path(tmp) / "report.json"
+        summary = review.render_video(analysis_engine() if review.follows(edited) else None, src, dst, edited,
+                                      report_out=rendered)
+        runtime.upload(dst, video_key)
+        report = {"job_id": job_id, **json.loads(rendered.read_text()), "source": name}
+    report["summary"]["source"] = name
+    runtime.put_json(report_key, report)
+    outputs = {"video": runtime.output_uri(video_key), "report": runtime.output_uri(report_key)}
+    ms = round((time.perf_counter() - start) * 1000, 1)
+    runtime.jobs.put(job_id, DONE, stage="done", outputs=outputs, frames=summary["frames"],
+                     faces=summary["masked"], ms=ms)
+    metrics.add_metric(name="JobsDone", unit=MetricUnit.Count, value=1)
+    logger.info("edited report rendered", extra={"frames": summary["frames"], "ms": ms})
     return {"job_id": job_id, "status": DONE, "outputs": outputs}
 
 

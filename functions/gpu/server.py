@@ -3,6 +3,9 @@
 SageMaker runs the image as `<entrypoint> serve` and talks HTTP to port 8080:
 
 * `GET /ping`: 200 once the engine is loaded (503 while it loads, 500 if it could not load).
+* `GET /metrics`: Prometheus' text format (faceflow.web.metrics): requests and failures by
+  route, latency histograms, faces found, frames processed, jobs waiting for a slot, the
+  engine's load time, the process' CPU and memory.
 * `POST /invocations`: the body is the job descriptor that functions/common/gpu.py wrote to
   S3 and SageMaker read back from the InputLocation:
 
@@ -64,6 +67,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 
 from faceflow import media
+from faceflow.web.metrics import Metrics
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "faceflow-gpu"))
 
@@ -291,6 +295,15 @@ class Worker:
         self.providers: list[str] = []
         self.load_error: str | None = None
         self._slots = threading.BoundedSemaphore(config.workers)
+        self.metrics = Metrics()
+        self._in_flight = 0  # invocations being run or waiting for a slot
+        self._in_flight_lock = threading.Lock()
+
+    def in_flight(self, change: int) -> None:
+        """Count an invocation in (+1) or out (-1); those beyond the slots are the queue."""
+        with self._in_flight_lock:
+            self._in_flight += change
+            self.metrics.queue.labels(queue="jobs").set(max(0, self._in_flight - self.config.workers))
 
     @property
     def s3(self):
@@ -319,6 +332,7 @@ class Worker:
                 logger.warning("GPU providers were requested but the session runs on CPU "
                                "(CUDA or TensorRT libraries missing?)", extra={"requested": providers, "used": used})
             self.s3  # noqa: B018 - build the client now, not in the first job
+            self.metrics.model_load.labels(model="detector").set(time.perf_counter() - start)
             self.providers = used
             self.engine = engine
             logger.info("engine loaded", extra={"providers": used, "batch": self.config.batch,
@@ -588,6 +602,14 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        if self.path.split("?")[0] == "/metrics":
+            data = self.worker.metrics.exposition()
+            self.send_response(200)
+            self.send_header("Content-Type", self.worker.metrics.content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if self.path.split("?")[0] != "/ping":
             self._send(404, {"error": f"no such path {self.path[:100]} (GET /ping, POST /invocations)"})
             return
@@ -603,6 +625,17 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.split("?")[0] != "/invocations":
             self._send(404, {"error": f"no such path {self.path[:100]} (GET /ping, POST /invocations)"})
             return
+        start = time.perf_counter()
+        self.worker.in_flight(+1)
+        status = 500
+        try:
+            status = self._invoke()
+        finally:
+            self.worker.in_flight(-1)
+            self.worker.metrics.observe("/invocations", "POST", status, time.perf_counter() - start)
+
+    def _invoke(self) -> int:
+        """Run one job; the status answered."""
         job_id = None
         try:
             body = self._body()
@@ -610,17 +643,23 @@ class Handler(BaseHTTPRequestHandler):
             job_id = job.job_id
             if not self.worker.ready:
                 raise JobError(503, "the engine is not loaded yet; retry", "not_ready")
-            self._send(200, self.worker.run(job))
+            result = self.worker.run(job)
+            self.worker.metrics.faces.inc(int(result.get("faces") or 0))
+            self.worker.metrics.frames.inc(int(result.get("frames") or 0))
+            self._send(200, result)
+            return 200
         except JobError as exc:
             level = logger.error if exc.status >= 500 else logger.warning
             level("job refused", extra={"job_id": job_id, "status": exc.status, "reason": exc.message})
             self._send(exc.status, {"job_id": job_id, "status": "failed", "error": exc.message,
                                     "error_type": exc.kind, "http_status": exc.status})
+            return exc.status
         except Exception:  # noqa: BLE001 - the traceback goes to the log, never the body
             logger.exception("job failed", extra={"job_id": job_id})
             self._send(500, {"job_id": job_id, "status": "failed", "error_type": "internal",
                              "error": "internal error while processing the job (see the endpoint logs)",
                              "http_status": 500})
+            return 500
 
     def _body(self) -> bytes:
         length = self.headers.get("Content-Length")

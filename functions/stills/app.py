@@ -18,12 +18,13 @@ from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
 from aws_lambda_powertools.utilities.idempotency import idempotent_function
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from faceflow import media
+from faceflow import media, review
 from faceflow.engine import Engine
 from faceflow.images import BadInput
 from faceflow.analysis import DEFAULT_ATTRIBUTES
 from functions.common.aws import Adapters, job_for_key, make_tracer, object_identity, operation_for_key, result_keys
 from functions.common.jobs import DONE, FAILED, RUNNING
+from functions.common.review import edited_report
 from functions.common.settings import ANALYZE
 
 logger = Logger(service="faceflow-stills")
@@ -46,7 +47,11 @@ def process_upload(upload: dict, size: int | None) -> dict:
     start = time.perf_counter()
     try:
         data = _read(upload, size, settings.max_upload_bytes)
-        if operation == ANALYZE:
+        edited = edited_report(jobs.get(job_id))
+        if edited is not None and operation != ANALYZE:  # reviewed: exactly its faces, no detection
+            result = review.render_photo(data, edited, source=name, memory_bytes=settings.memory_bytes)
+            report = result.report
+        elif operation == ANALYZE:
             result = None
             report = engine.analyze_bytes(data, source=name, attributes=DEFAULT_ATTRIBUTES,
                                           memory_bytes=settings.memory_bytes)
@@ -70,7 +75,7 @@ def process_upload(upload: dict, size: int | None) -> dict:
                   ContentType="application/json")
     outputs["report"] = f"s3://{settings.output_bucket}/{sidecar_key}"
     ms = round((time.perf_counter() - start) * 1000, 1)
-    faces = len(report["faces"])
+    faces = report.get("masked", len(report["faces"]))
     jobs.put(job_id, DONE, outputs=outputs, faces=faces, ms=ms)
     metrics.add_metric(name="FacesFound", unit=MetricUnit.Count, value=faces)
     metrics.add_metric(name="ProcessingMs", unit=MetricUnit.Milliseconds, value=ms)

@@ -50,12 +50,12 @@ import av
 
 from . import synthetic
 from .anonymize import MaskOptions
-from .face import iou
+from .face import Face, iou
 from .images import BadInput, atomic_write
 from .tracker import Tracker
 from .operations import Mask, Operation
 from .pipeline import MP4_AUDIO, audio_stream, mux_options, open_input
-from .video import Around, FrameReport, VideoOptions, probe, process_video, stream_rate
+from .video import Around, FrameReport, TrackIndex, VideoOptions, probe, process_video, stream_rate
 
 STATE_FORMAT = "faceflow.chunk-state"
 STATE_VERSION = 1
@@ -720,8 +720,13 @@ def merge_reports(reports: list) -> dict[str, Any]:
     summary = {"frames": len(frames), "frames_with_faces": sum(bool(e["faces"]) for e in frames),
                "faces": sum(len(e["faces"]) for e in frames), "tracks": len(tracks),
                "chunks": len(loaded)}
+    # what a reviewer needs (faceflow.review): the size the boxes are in and the track list
+    index, first = TrackIndex(), loaded[0].get("summary") or {}
+    for entry in frames:
+        index(entry["frame"], entry.get("time", 0.0), [Face.from_dict(f) for f in entry["faces"]])
     return {"source": loaded[0].get("source"), "frames": frames, "summary": summary,
-            "chunks": relabelled}
+            "chunks": relabelled, "width": first.get("width"), "height": first.get("height"),
+            "fps": first.get("fps"), "tracks": index.tracks()}
 
 
 # --- local driver ----------------------------------------------------------------------------

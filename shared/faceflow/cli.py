@@ -1,4 +1,4 @@
-"""The `faceflow` command: anonymize, analyze, swap, models."""
+"""The `faceflow` command: anonymize, analyze, swap, models, serve, monitor."""
 from __future__ import annotations
 
 import argparse
@@ -46,12 +46,16 @@ def cmd_anonymize(args) -> int:
     from . import batch
     src = Path(args.input)
     if src.is_dir():
+        if args.from_report:
+            raise BadInput("--from-report renders one photo or video, not a folder")
         return batch.run_batch(args, src, Path(args.output))
     dst = Path(args.output)
     if dst.is_dir():
         dst = dst / src.name
     if dst.resolve() == src.resolve():
         raise BadInput("output would overwrite the input")
+    if args.from_report:
+        return _anonymize_from_report(args, src, dst)
     engine = _engine(args)
     kwargs = {"verify": _verify(args, src)}
     if src.suffix.lower() in batch.VIDEO_EXTENSIONS:
@@ -71,6 +75,27 @@ def cmd_anonymize(args) -> int:
         atomic_write(args.report, json.dumps(report, indent=1).encode())
     faces = report.get("faces") if isinstance(report.get("faces"), int) else len(report.get("faces", []))
     print(f"{src} -> {dst}: {faces} face(s) masked in {report['ms']:.0f} ms", file=sys.stderr)
+    return 0
+
+
+def _anonymize_from_report(args, src: Path, dst: Path) -> int:
+    """Render exactly the faces of an edited report (faceflow.review): no detection, except
+    to follow the boxes drawn by hand on a video."""
+    from . import batch, review
+    from .images import atomic_write
+    report = review.load(Path(args.from_report))
+    if src.suffix.lower() in batch.VIDEO_EXTENSIONS:
+        if args.workers > 1:
+            raise BadInput("--from-report renders a video in one process: leave out --workers")
+        rendered = review.render_video(_engine(args) if review.follows(report) else None, src, dst, report,
+                                       _mask_options(args), _video_options(args), report_out=args.report,
+                                       progress=batch.Progress(src.name) if sys.stderr.isatty() else None)
+    else:
+        rendered = review.render_photo_file(src, dst, report, _mask_options(args))
+        if args.report:
+            atomic_write(args.report, json.dumps(rendered, indent=1).encode())
+    print(f"{src} -> {dst}: {rendered['masked']} face(s) masked as {args.from_report} gives them "
+          f"in {rendered['ms']:.0f} ms", file=sys.stderr)
     return 0
 
 
@@ -215,6 +240,32 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .web import serve
+    except ImportError as exc:
+        raise BadInput(f"faceflow serve needs the serve extra (pip install 'faceflow[serve]'): {exc}") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"faceflow: serving on {args.host}: anyone who reaches it can use it (no authentication); "
+              "see the README on putting it behind a proxy", file=sys.stderr)
+    limits = serve.Limits(workers=args.workers, waiting=args.queue, timeout_s=args.timeout)
+    engine_options = {k: v for k, v in dict(detector=args.detector, model_dir=args.models, providers=args.providers,
+                                            max_side=args.max_side, threshold=args.threshold).items()
+                      if v is not None}
+    url = args.public_url or f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/"
+    serve.run(args.host, args.port, Path(args.workdir) if args.workdir else None, limits, args.public_url,
+              engine_options, ready=lambda _: print(f"faceflow serve: open {url}", file=sys.stderr, flush=True))
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    try:
+        from .web import monitor
+    except ImportError as exc:
+        raise BadInput(f"faceflow monitor needs the serve extra (pip install 'faceflow[serve]'): {exc}") from None
+    return monitor.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="faceflow", description="Find and anonymise faces in photos and videos.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -234,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mask-scale", type=float, default=1.6, help="mask size relative to the face box")
     a.add_argument("--cells", type=int, default=2, help="detail left across a face (blur/pixelate; lower is stronger)")
     a.add_argument("--report", default=None, help="JSON report (file; a folder for a folder input)")
+    a.add_argument("--from-report", default=None, metavar="EDITED.json",
+                   help="mask exactly the faces of this (edited) report instead of detecting them")
     a.add_argument("--summary", default=None, help="batch summary, .csv or .json (default OUTPUT/faceflow-summary.csv)")
     a.add_argument("--workers", type=int, default=1, help="parallel processes (a folder: files; a video: chunks)")
     a.add_argument("--chunk-seconds", type=float, default=6.0, help="chunk length for a video with --workers > 1")
@@ -282,6 +335,33 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--batch", type=int, default=1, help="video frames per detector call")
     engine_options(w)
     w.set_defaults(func=cmd_swap)
+
+    s = sub.add_parser("serve", help="the page and the HTTP API on this machine (no AWS)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="requests processed at once (default: the cores, at most 4)")
+    s.add_argument("--queue", type=int, default=16, help="requests waiting for a worker before a 503 (default 16)")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take before a 504")
+    s.add_argument("--workdir", default=None, help="folder for jobs' files (default: a temporary one)")
+    s.add_argument("--public-url", default=None,
+                   help="the URL clients reach this server at (behind a proxy); default: the Host they asked for")
+    engine_options(s)
+    s.set_defaults(func=cmd_serve)
+
+    mo = sub.add_parser("monitor", help="load a faceflow server with real photos; latency, CPU and memory")
+    mo.add_argument("url", help="the server, e.g. http://127.0.0.1:8080")
+    mo.add_argument("--requests", type=int, default=100)
+    mo.add_argument("--concurrency", type=int, default=4)
+    mo.add_argument("--warmup", action="store_true", help="one request per connection first, not counted")
+    mo.add_argument("--images", default=None, help="folder of photos (default ../shared/data/images when present)")
+    mo.add_argument("--route", default="/v1/anonymize", help="the route photos are POSTed to (default /v1/anonymize)")
+    mo.add_argument("--out", default="monitor", help="folder for monitor.csv and monitor.png (default ./monitor)")
+    mo.add_argument("--pid", type=int, default=None,
+                    help="sample this local process with psutil instead of the server's /metrics")
+    mo.add_argument("--interval", type=float, default=0.5, help="seconds between CPU and memory samples")
+    mo.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take")
+    mo.set_defaults(func=cmd_monitor)
 
     m = sub.add_parser("models", help="fetch, verify or list the model bundle")
     m.add_argument("action", choices=["fetch", "verify", "list"])

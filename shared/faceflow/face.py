@@ -7,6 +7,10 @@ from typing import Any
 import numpy as np
 
 DETECTED, TRACKED, INTERPOLATED = "detected", "tracked", "interpolated"
+# Faces a reviewer added (faceflow.review): drawn by hand, and followed from such a box.
+MANUAL, FOLLOWED = "manual", "followed"
+# A face record's key: kept in the report, left unmasked (a reviewer's decision).
+EXEMPT = "exempt"
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import av
 
 from .anonymize import MaskOptions
-from .face import Face
+from .face import EXEMPT, FOLLOWED, MANUAL, Face
 from .images import BadInput
 from .operations import Mask
 from .pipeline import (AHEAD, OWN, WARMUP, Encoding, Layout, Reader, Segment, Tally, Writer,
@@ -242,18 +242,61 @@ class FrameReport:
         os.replace(self.tmp, self.path)
 
 
+class TrackIndex:
+    """Per track, what a reviewer lists: `first_frame`, `last_frame`, `frames` (covered,
+    held ones too) and `thumbnail`, a reference to the frame and box of its best-scored face
+    (the page cuts it from the video; no image is written). Fed `(index, seconds, faces)`."""
+
+    def __init__(self):
+        self._tracks: dict[int, dict[str, Any]] = {}
+        self._scores: dict[int, float] = {}
+
+    def __call__(self, index: int, seconds: float, faces: list[Face]) -> None:
+        for f in faces:
+            if f.track is None:
+                continue
+            t = self._tracks.get(f.track)
+            if t is None:
+                t = self._tracks[f.track] = {"track": f.track, "first_frame": index, "frames": 0}
+                if f.source in (MANUAL, FOLLOWED):
+                    t["source"] = MANUAL
+            t["frames"] += 1
+            t["last_frame"] = index
+            if f.attributes.get(EXEMPT):
+                t[EXEMPT] = True
+            if f.score > self._scores.get(f.track, -1.0):
+                self._scores[f.track] = f.score
+                t["thumbnail"] = {"frame": index, "box": [round(float(v), 1) for v in f.box]}
+
+    def tracks(self) -> list[dict[str, Any]]:
+        return [t for _, t in sorted(self._tracks.items())]
+
+
+def report_extra(summary: dict[str, Any], tracks: TrackIndex) -> dict[str, Any]:
+    """What a video report adds after its frames for review: the size its boxes are in, the
+    frame rate and the track list (faceflow.review reads it back)."""
+    return {"width": summary["width"], "height": summary["height"], "fps": summary["fps"],
+            "tracks": tracks.tracks()}
+
+
 def anonymize_video(engine, src, dst, mask_options: MaskOptions | None = None,
                     report: Path | str | None = None, options: VideoOptions | None = None,
                     verify: bool = False, progress=None) -> dict[str, Any]:
     operation = Mask(mask_options or MaskOptions(), engine.detector if verify else None)
     writer = FrameReport(report, str(src)) if report else None
+    tracks = TrackIndex()
+
+    def on_frame(index: int, seconds: float, faces: list[Face]) -> None:
+        tracks(index, seconds, faces)
+        writer(index, seconds, faces)
+
     summary = None
     try:
         summary, _ = process_video(engine, src, dst, operation, options,
-                                   on_frame=writer, progress=progress)
+                                   on_frame=on_frame if writer else None, progress=progress)
     finally:
         if writer:
-            writer.close(summary)
+            writer.close(summary, summary and report_extra(summary, tracks))
     return summary
 
 

@@ -2,7 +2,8 @@
 
     POST /v1/jobs                 create a job (a photo or a video; operation anonymize, the
                                   default, or analyze: the JSON report only; optional sensitivity
-                                  and priority, used by the routing): a job id and where to upload,
+                                  and priority, used by the routing; `report`: an edited report
+                                  to render instead of detecting): a job id and where to upload,
                                   one PUT or, for `size` at or above the multipart threshold of
                                   the deployed API, an S3 multipart upload (presigned part URLs)
     GET  /v1/jobs/{id}            status (queued, running, done, failed), stage, route, progress
@@ -13,7 +14,8 @@
     GET  /v1/jobs/{id}/result     download URLs of the result and its report
     POST /v1/analyze              small image in (raw body or multipart) → faces and their
                                   attributes as JSON (?attributes=, ?format=json|rekognition)
-    POST /v1/anonymize            small image in → anonymised image out
+    POST /v1/anonymize            small image in → anonymised image out; with an edited report
+                                  (multipart part `report`), exactly its faces, not detected
     POST /v1/swap                 small target photo and source face photo in (multipart) → the
                                   target with the source's face, marked as synthetic
     GET  /v1/openapi.json         this API's OpenAPI document
@@ -66,6 +68,10 @@ CONTENT_TYPES = {fmt: media_type for fmt, (_, media_type) in media.IMAGE_FORMATS
 IMAGE_BODY_TYPES = (*CONTENT_TYPES.values(), "application/octet-stream", "multipart/form-data")
 # Largest body of the synchronous photo routes (the deployed API: FACEFLOW_MAX_SYNC_BYTES).
 MAX_SYNC_BYTES = 5 * MIB
+
+# Largest edited report (faceflow.review) a job request carries, as JSON: a video's faces per
+# frame stay well under it for an hour of video, and API Gateway takes 10 MB.
+MAX_REPORT_BYTES = 4 * MIB
 
 # Uploads of at least this many bytes go in parts on the deployed API (S3 advises multipart
 # above about 100 MB): a broken connection costs one part, not the whole file. In the document,
@@ -165,6 +171,10 @@ class JobRequest(BaseModel):
     source_content_type: Optional[PhotoMediaType] = Field(  # type: ignore[valid-type]
         default=None, description="Content-Type to upload the source with (default: its extension's)")
     swap_options: Optional[SwapJobOptions] = Field(default=None, description="a swap's options")
+    report: Optional[dict[str, Any]] = Field(default=None, description=(
+        "an edited report (the README's Review: the report of an earlier job with faces removed, exempted or "
+        "added, tracks dropped or exempted, boxes drawn by hand): the job renders exactly its faces instead of "
+        f"detecting them; operation anonymize only; at most {MAX_REPORT_BYTES} bytes as JSON"))
 
 
 class Upload(BaseModel):
@@ -218,6 +228,9 @@ class JobCreated(BaseModel):
 class Progress(BaseModel):
     chunks_done: int
     chunks_total: int
+    frames_done: Optional[int] = Field(default=None, description="frames processed (jobs run by `faceflow serve`, "
+                                                                 "where a video is one chunk)")
+    frames_total: Optional[int] = Field(default=None, description="frames in the video, when known")
 
 
 class Job(BaseModel):
@@ -385,9 +398,11 @@ class PhotoRoutes:
     decorate: Callable[[Callable], Callable] = lambda route: route
 
 
-def read_image(app: ApiGatewayResolver, limit: int) -> bytes:
-    """The image from a raw body or the first file of a multipart/form-data body, size-checked
-    before any decoding."""
+def read_image(app: ApiGatewayResolver, limit: int, fields: Optional[dict] = None,
+               field: str = "file") -> bytes:
+    """The image from a raw body or the first file of a multipart/form-data body (a part with a
+    filename, or named `field`), size-checked before any decoding. `fields`: names of other
+    parts to read too (as text, into it)."""
     event = app.current_event
     content_type = event.headers.get("content-type", "")
     if content_type and content_type.split(";")[0].strip().lower() not in IMAGE_BODY_TYPES:
@@ -401,7 +416,7 @@ def read_image(app: ApiGatewayResolver, limit: int) -> bytes:
     body = event.body or ""
     data = base64.b64decode(body) if event.is_base64_encoded else body.encode("latin-1", "replace")
     if content_type.startswith("multipart/form-data"):
-        data = form_file(content_type, data)
+        data = form_file(content_type, data, field, fields=fields)
     if len(data) > limit:
         raise ServiceError(413, f"image too large: {len(data)} bytes (limit {limit})")
     if not data:
@@ -444,11 +459,17 @@ def read_swap_pair(app: ApiGatewayResolver, limit: int) -> tuple[bytes, bytes]:
     return found[0], found[1]
 
 
-def form_file(content_type: str, data: bytes, field: str = "file") -> bytes:
-    """The first file of a multipart/form-data body (a part with a filename, or named `field`)."""
+def form_file(content_type: str, data: bytes, field: str = "file", fields: Optional[dict] = None) -> bytes:
+    """The first file of a multipart/form-data body (a part with a filename, or named `field`);
+    the parts named in `fields` are not it: their text goes into `fields`."""
     message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + data)
-    parts = [p for p in message.iter_parts()
-             if p.get_filename() or p.get_param("name", header="content-disposition") == field]
+    parts = []
+    for p in message.iter_parts():
+        name = p.get_param("name", header="content-disposition")
+        if fields is not None and name in fields:
+            fields[name] = (p.get_payload(decode=True) or b"").decode("utf-8", "replace")
+        elif p.get_filename() or name == field:
+            parts.append(p)
     if not parts:
         raise BadRequestError("multipart body has no file part")
     return parts[0].get_payload(decode=True) or b""
@@ -488,8 +509,10 @@ def add_photo_routes(app: ApiGatewayResolver, photos: PhotoRoutes) -> None:
     @photos.decorate
     def anonymize(method: Annotated[Literal["blur", "pixelate", "solid"], Query()] = "blur",
                   shape: Annotated[Literal["ellipse", "box"], Query()] = "ellipse"):
-        result = anonymize_image(read_image(app, photos.max_sync_bytes), photos, method, shape)
-        faces = len(result.report["faces"])
+        form = {"report": None}
+        data = read_image(app, photos.max_sync_bytes, form)
+        result = anonymize_image(data, photos, method, shape, form["report"])
+        faces = result.report.get("masked", len(result.report["faces"]))
         return Response(status_code=200, content_type=CONTENT_TYPES[result.format], body=result.data,
                         headers={"X-Faceflow-Faces": str(faces)})
 
@@ -549,11 +572,17 @@ def analyze_image(data: bytes, photos: PhotoRoutes, chosen: tuple = (), format: 
     return record
 
 
-def anonymize_image(data: bytes, photos: PhotoRoutes, method: str = "blur", shape: str = "ellipse"):
-    """The engine's Result for an image (the masked image, its format and report)."""
+def anonymize_image(data: bytes, photos: PhotoRoutes, method: str = "blur", shape: str = "ellipse",
+                    report: Optional[str] = None):
+    """The engine's Result for an image (the masked image, its format and report); with an
+    edited `report` (JSON text), exactly its faces, no detection (faceflow.review)."""
     from faceflow.anonymize import MaskOptions
     from faceflow.images import BadInput, TooLarge
     try:
+        if report is not None:
+            from faceflow import review
+            return review.render_photo(data, report, MaskOptions(method=method, shape=shape), source="request",
+                                       memory_bytes=photos.memory_bytes)
         result = photos.engine().anonymize_bytes(data, MaskOptions(method=method, shape=shape), source="request",
                                                  memory_bytes=photos.memory_bytes)
     except TooLarge as exc:
@@ -604,6 +633,13 @@ def openapi_json(app: ApiGatewayResolver, max_sync_bytes: int = MAX_SYNC_BYTES) 
     document["paths"]["/v1/swap"]["post"]["requestBody"] = {
         "required": True, "description": f"the target photo and the source face photo, at most {max_sync_bytes} "
                                          "bytes together", "content": {"multipart/form-data": pair}}
+    reviewed = {"schema": {**form["schema"], "properties": {**form["schema"]["properties"], "report": {
+        "type": "object", "description": (
+            "an edited report (the README's Review): its `width`, `height` and `faces` (a face may carry "
+            "\"exempt\": true; a face drawn by hand {\"box\": [x, y, w, h], \"source\": \"manual\"}): exactly "
+            "those faces are masked, none detected; a report that does not fit the image is a 400 naming the field")}}},
+        "encoding": {"report": {"contentType": "application/json"}}}
+    document["paths"]["/v1/anonymize"]["post"]["requestBody"]["content"]["multipart/form-data"] = reviewed
     from faceflow.analysis import ATTRIBUTES
     names = "|".join(ATTRIBUTES)
     for parameter in document["paths"]["/v1/analyze"]["post"].get("parameters", []):
