@@ -484,3 +484,23 @@ def test_swap_job_requests_are_checked(stack, fields, message):
     status, _, body = stack.request("POST", "/v1/jobs", fields)
     error = json.loads(body)
     assert status == 400 and set(error) == ERROR_KEYS and message in error["message"], error
+
+
+# --- faceflow serve: the same photo route; no swap job run as something else --------------------
+
+def test_faceflow_serve_swaps_a_photo_and_refuses_swap_jobs(tmp_path, model_dir, photos):
+    """`faceflow serve` shares POST /v1/swap; its local jobs have no second upload, so a swap job
+    is refused rather than run as an anonymisation."""
+    pytest.importorskip("aiohttp", reason="the serve extra is not installed: pip install -e '.[serve]'")
+    from faceflow import synthetic
+    from serve_process import ServeProcess
+    with ServeProcess(tmp_path, env={"FACEFLOW_MODEL_DIR": str(model_dir)}) as server:
+        body, headers = form(target=photos["target"], source=photos["face"])
+        status, answer_headers, image = server.request("POST", "/v1/swap", body, headers)
+        assert status == 200 and answer_headers["x-faceflow-faces"] == "1", image[:300]
+        assert synthetic.COMPOSITE_SYNTHETIC.encode() in image
+        for fields in ({"operation": "swap", "source_filename": "me.jpg"}, {"source_filename": "me.jpg"}):
+            status, _, answer = server.request("POST", "/v1/jobs", json.dumps({"filename": "group.jpg", **fields}),
+                                               {"Content-Type": "application/json"})
+            error = json.loads(answer)
+            assert status == 400 and "face swap jobs run on the deployed API" in error["message"], error
