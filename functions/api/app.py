@@ -46,9 +46,9 @@ from faceflow.web.api import (
 )
 from functions.common.aws import Adapters, make_tracer, result_keys
 from functions.common.jobs import DONE, FAILED, QUEUED, new_job_id
+from functions.common.layout import swap_key
 from functions.common.review import review_fields
 from functions.common.settings import ANALYZE, ANALYZE_PREFIX, ANONYMIZE, SWAP, SWAP_MANIFEST_NAME, UPLOAD_PREFIX
-from functions.common.swapjobs import manifest_key
 from functions.video.config import VideoSettings
 
 logger = Logger(service="faceflow-api")
@@ -147,7 +147,7 @@ def create_job(request: JobRequest) -> JobCreated:
         raise ServiceError(413, f"report: {len(report)} bytes of JSON is over the limit of {api.MAX_REPORT_BYTES}")
     job_id = new_job_id()
     swap = swap_fields(request, job_id, is_video)
-    key = manifest_key(job_id, request.filename) if swap else \
+    key = swap_key(job_id, request.filename) if swap else \
         f"{ANALYZE_PREFIX if operation == ANALYZE else UPLOAD_PREFIX}{job_id}/{request.filename}"
     content_type = request.content_type or UPLOAD_CONTENT_TYPES[suffix]
     record = dict(owner=caller(), input=f"s3://{settings.input_bucket}/{key}", media="video" if is_video else "image",
@@ -188,7 +188,7 @@ def swap_fields(request: JobRequest, job_id: str, is_video: bool) -> Optional[di
     if options.get("tracks") and options.get("largest"):
         raise BadRequestError("swap_options: choose either the largest face or tracks, not both")
     settings = adapters.settings
-    key = manifest_key(job_id, f"source/{request.source_filename}")
+    key = swap_key(job_id, f"source/{request.source_filename}")
     content_type = request.source_content_type or UPLOAD_CONTENT_TYPES[api.upload_suffix(request.source_filename)]
     url = adapters.s3.generate_presigned_url("put_object", ExpiresIn=settings.url_ttl_s, Params={
         "Bucket": settings.input_bucket, "Key": key, "ContentType": content_type})
@@ -219,7 +219,7 @@ def start_swap(job: dict) -> Job:
     manifest = {"target": keys["input"], "source": keys["source"], "options": job.get("options") or {},
                 **{k: job[k] for k in ("sensitivity", "priority") if job.get(k)}}
     adapters.jobs.put(job["id"], QUEUED, upload=COMPLETING)
-    adapters.s3.put_object(Bucket=settings.input_bucket, Key=manifest_key(job["id"], SWAP_MANIFEST_NAME),
+    adapters.s3.put_object(Bucket=settings.input_bucket, Key=swap_key(job["id"], SWAP_MANIFEST_NAME),
                            Body=json.dumps(manifest).encode(), ContentType="application/json")
     metrics.add_metric(name="SwapJobsStarted", unit=MetricUnit.Count, value=1)
     return job_view(owned_job(job["id"]))

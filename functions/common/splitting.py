@@ -38,7 +38,7 @@ from faceflow.images import BadInput
 from . import gpu
 from .aws import job_for_key, make_tracer, operation_for_key
 from .jobs import DONE, FAILED, RUNNING
-from .layout import audio_key, chunk_key, result_keys, s3_uri, work_keys
+from .layout import audio_key, chunk_key, face_key, result_keys, s3_uri, work_keys
 from .review import edited_report
 from .settings import ANALYZE, ANONYMIZE, SWAP
 from .videojobs import output_name
@@ -124,10 +124,10 @@ def chunk_video(job_id: str, name: str, input_uri: str, src: Path, tmp: Path, st
     plan = {"job_id": job_id, "name": name, "source": input_uri, "chunks": plan_chunks, "audio": audio,
             "info": split.info}
     if swap is not None:
-        face_key = f"{keys['base']}face{swap['suffix']}"
-        runtime.s3.put_object(Bucket=runtime.settings.output_bucket, Key=face_key, Body=swap["face"],
-                              ContentType=media.media_type_for(face_key))
-        plan.update(operation=SWAP, swap={"source": face_key, "options": swap["options"]})
+        face = face_key(job_id, swap["suffix"])
+        runtime.s3.put_object(Bucket=runtime.settings.output_bucket, Key=face, Body=swap["face"],
+                              ContentType=media.media_type_for(face))
+        plan.update(operation=SWAP, swap={"source": face, "options": swap["options"]})
     runtime.put_json(keys["plan"], plan)
     total = len(plan_chunks)
     runtime.video_jobs.plan(job_id, total, runtime.output_uri(keys["plan"]))

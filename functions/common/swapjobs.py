@@ -75,11 +75,6 @@ class SwapManifest:
                 if v not in (None, {})}
 
 
-def manifest_key(job_id: str, name: str) -> str:
-    """An API swap job's uploads and manifest: swap/{job_id}/{name}."""
-    return f"{SWAP_PREFIX}{job_id}/{name}"
-
-
 def is_manifest_key(key: str) -> bool:
     return key.startswith(SWAP_PREFIX) and key.endswith(SWAP_MANIFEST_SUFFIX)
 
