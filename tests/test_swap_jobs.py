@@ -229,9 +229,10 @@ def clip(tmp_path_factory, astronaut_bgr) -> bytes:
     return panning_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", astronaut_bgr, SIDE, FPS, FRAMES, 3, gop=FPS)
 
 
-def put(stack, key: str, body: bytes) -> None:
+def put(stack, key: str, body: bytes, sensitivity: str | None = None) -> None:
     from faceflow import media
-    stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=body, ContentType=media.media_type_for(key))
+    tags = {"Tagging": f"faceflow-sensitivity={sensitivity}"} if sensitivity else {}
+    stack.s3.put_object(Bucket=stack.input_bucket, Key=key, Body=body, ContentType=media.media_type_for(key), **tags)
 
 
 def start_swap(stack, folder: str, target_file: tuple[str, bytes] | None, face_file: tuple[str, bytes] | None,
@@ -245,7 +246,8 @@ def start_swap(stack, folder: str, target_file: tuple[str, bytes] | None, face_f
             body[name] = f"{SWAP_PREFIX}{folder}/{item[0]}"
             put(stack, body[name], item[1])
     key = f"{SWAP_PREFIX}{folder}/job.json"
-    put(stack, key, json.dumps({**body, **fields}).encode())
+    tag = fields.pop("tag", None)
+    put(stack, key, json.dumps({**body, **fields}).encode(), tag)
 
     def found(deliveries):
         return [d for d in deliveries if d.outcome == "ok" and d.event and
@@ -302,6 +304,8 @@ LARGEST = {"options": {"largest": True}}
     ("gpu", {**LARGEST, "priority": "low"}, "low-priority-swap-on-gpu", "gpu"),
     # the rule sends it to the GPU; faceflow.routing keeps private media on Lambda
     ("private", {**LARGEST, "priority": "low", "sensitivity": "private"}, "low-priority-swap-on-gpu", "merged"),
+    # the same, the manifest object tagged faceflow-sensitivity=private
+    ("tagged", {**LARGEST, "priority": "low", "tag": "private"}, "low-priority-swap-on-gpu", "merged"),
     # faces picked by track id (an analysis of the whole video numbers them): one pass, not chunks
     ("tracks", {"options": {"tracks": [1]}}, "default", "done"),
 ])

@@ -223,7 +223,7 @@ def run_manifest(upload: dict) -> dict[str, Any]:
                  media=manifest.target_kind, options=manifest.options or None)
         if manifest.target_kind == "image":
             return swap_photo(job_id, bucket, manifest, name, face, start)
-        return swap_video(job_id, bucket, manifest, name, face, existing, start)
+        return swap_video(job_id, bucket, manifest, name, face, existing, start, upload["key"])
     except (BadInput, ModelError) as exc:  # ModelError: an engine whose weights the operator did not supply
         return splitting.refuse(job_id, exc)
 
@@ -262,7 +262,7 @@ def swap_photo(job_id: str, bucket: str, manifest: SwapManifest, name: str, face
 
 
 def swap_video(job_id: str, bucket: str, manifest: SwapManifest, name: str, face: bytes,
-               existing: dict | None, start: float) -> dict[str, Any]:
+               existing: dict | None, start: float, manifest_key: str) -> dict[str, Any]:
     """Route a video target: the GPU endpoint, or chunks (or, with `tracks`, whole) here."""
     from . import splitting
     runtime = _runtime()
@@ -272,7 +272,7 @@ def swap_video(job_id: str, bucket: str, manifest: SwapManifest, name: str, face
         tmp = Path(tmp)
         src = tmp / f"target{PurePosixPath(name).suffix.lower()}"
         size = runtime.download(bucket, manifest.target, src)
-        tags = [splitting.object_tags(bucket, key) for key in (manifest.target, manifest.source)]
+        tags = [splitting.object_tags(bucket, key) for key in (manifest_key, manifest.target, manifest.source)]
         record = _sensitivity(manifest, existing, tags)
         decision = splitting.route_video(target, src, size, record, operation=SWAP)
         if decision.target == "gpu":
