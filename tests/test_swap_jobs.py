@@ -508,3 +508,15 @@ def test_faceflow_serve_swaps_a_photo_and_refuses_swap_jobs(tmp_path, model_dir,
                                                {"Content-Type": "application/json"})
             error = json.loads(answer)
             assert status == 400 and "face swap jobs run on the deployed API" in error["message"], error
+
+
+def test_a_swap_upload_that_is_not_a_manifest_starts_nothing(stack, photos, clip):
+    """Only manifests trigger under swap/; delivered anyway (a trigger set wider by hand), a
+    target video is ignored, not anonymised or swapped."""
+    key = f"{SWAP_PREFIX}loose/greeting.mp4"
+    put(stack, key, clip)
+    event = json.loads((EVENTS / "s3_swap_manifest.json").read_text())
+    event["Records"][0]["s3"]["bucket"]["name"] = stack.input_bucket
+    event["Records"][0]["s3"]["object"].update(key=key, size=len(clip))
+    result = stack.functions["split"].invoke(event)
+    assert result.ok and result.payload["results"] == [{"status": "ignored"}], result

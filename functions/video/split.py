@@ -14,6 +14,7 @@ from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.common.aws import make_tracer, object_identity, operation_for_key
+from functions.common.settings import SWAP
 from functions.common.splitting import split_upload
 from functions.common.swapjobs import is_manifest_key, run_manifest
 from functions.common.videoruntime import runtime
@@ -33,9 +34,13 @@ def split_handler(event: S3Event, context: LambdaContext) -> dict:
         # S3's request id of the upload ties these lines to S3's own logs and CloudTrail
         logger.set_correlation_id((record.get("responseElements") or {}).get("x-amz-request-id"))
         obj = record.s3.get_object
-        if record.s3.bucket.name != runtime.settings.input_bucket or \
-                operation_for_key(unquote_plus(obj["key"])) is None:
-            logger.error("event from outside the input bucket's upload prefixes; ignored")
+        key = unquote_plus(obj["key"])
+        operation = operation_for_key(key)
+        # under swap/ only a manifest starts work: a target or source photo never does by itself
+        if record.s3.bucket.name != runtime.settings.input_bucket or operation is None or \
+                operation == SWAP and not is_manifest_key(key):
+            logger.error("event from outside the input bucket's upload prefixes (or a swap upload that is not "
+                         "a manifest); ignored")
             metrics.add_metric(name="EventsIgnored", unit=MetricUnit.Count, value=1)
             results.append({"status": "ignored"})
             continue
