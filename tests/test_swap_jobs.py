@@ -207,7 +207,7 @@ def stack(tmp_path_factory, model_dir):
     rules.write_text(json.dumps(ROUTING))
     env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_CHUNK_SECONDS": "1", "FACEFLOW_ROUTING_FILE": str(rules),
            "FACEFLOW_MAX_SYNC_BYTES": str(SYNC_LIMIT), "FACEFLOW_MULTIPART_THRESHOLD_BYTES": "1"}  # any size: parts
-    with Stack(functions=("api", "split", "chunk-worker", "gpu-result"), function_env=env,
+    with Stack(functions=("api", "stills", "split", "chunk-worker", "gpu-result"), function_env=env,
                workdir=tmp_path_factory.mktemp("swap-stack")) as running:
         yield running
 
@@ -519,4 +519,9 @@ def test_a_swap_upload_that_is_not_a_manifest_starts_nothing(stack, photos, clip
     event["Records"][0]["s3"]["bucket"]["name"] = stack.input_bucket
     event["Records"][0]["s3"]["object"].update(key=key, size=len(clip))
     result = stack.functions["split"].invoke(event)
+    assert result.ok and result.payload["results"] == [{"status": "ignored"}], result
+    photo = f"{SWAP_PREFIX}loose/me.jpg"   # the same for the stills function and a photo
+    put(stack, photo, photos["face"])
+    event["Records"][0]["s3"]["object"].update(key=photo, size=len(photos["face"]))
+    result = stack.functions["stills"].invoke(event)
     assert result.ok and result.payload["results"] == [{"status": "ignored"}], result
