@@ -1,6 +1,7 @@
 """Face swap: identity moved, seams, stability on video, speed; before/after strips to look at.
 
-    python bench/swap.py [--out DIR] [--skip-identity] [--skip-video] [--skip-speed]
+    python bench/swap.py [--out DIR] [--skip-photos] [--skip-identity] [--skip-video] [--skip-speed]
+                         [--blend feather|poisson]
 
 Needs ../shared/data beside the checkout. The identity check runs dlib's face recognition
 ResNet (a model faceflow does not use) in a bench-only environment, made once with
@@ -188,18 +189,30 @@ def photos(engine, out: Path, identity: bool, blends=None) -> dict:
 
 
 class Recording:
-    """Wraps the landmark engine to keep the points each frame was pasted on, and at what
-    opacity."""
+    """Wraps the landmark engine to keep the points each frame was pasted on (in the frame's
+    pixels: the video path pastes on a region whose corner is the operation's `offset`), and
+    at what opacity."""
 
     def __init__(self, swapper):
-        self.swapper, self.pasted = swapper, []
+        self.swapper, self.pasted, self.offset = swapper, [], np.zeros(2, np.float32)
 
     def __getattr__(self, name):
         return getattr(self.swapper, name)
 
     def paste(self, bgr, source, points, opacity=1.0, still=True):
-        self.pasted.append((points.copy(), opacity))
+        self.pasted.append((points + self.offset, opacity))
         return self.swapper.paste(bgr, source, points, opacity, still)
+
+
+def recording_swap(recorder: Recording, prepared, fps: float, smooth: bool):
+    """A Swap that tells the recorder where each frame's region lies."""
+    from faceflow.swap import Swap
+
+    class RecordingSwap(Swap):
+        def _apply(self, bgr, faces, offset=(0, 0)):
+            recorder.offset = np.float32(offset)
+            super()._apply(bgr, faces, offset)
+    return RecordingSwap(recorder, prepared.source, prepared.options, fps=fps, smooth=smooth)
 
 
 def jitter(points: list[np.ndarray]) -> float:
@@ -209,7 +222,7 @@ def jitter(points: list[np.ndarray]) -> float:
 
 
 def video(engine, out: Path, source: Path) -> dict:
-    from faceflow.swap import Swap, SwapOptions
+    from faceflow.swap import SwapOptions
     from faceflow.video import probe, swap_video
     clip = DATA / "video" / "pyfeat_WolfgangLanger_Pexels.mp4"
     fps = probe(clip).fps
@@ -217,7 +230,7 @@ def video(engine, out: Path, source: Path) -> dict:
     results = {}
     for smooth in (True, False):
         recorder = Recording(prepared.swapper)
-        operation = Swap(recorder, prepared.source, prepared.options, fps=fps, smooth=smooth)
+        operation = recording_swap(recorder, prepared, fps, smooth)
         dst = out / f"pexels_swap_{'smooth' if smooth else 'raw'}.mp4"
         summary = swap_video(engine, clip, dst, operation)
         pasted = recorder.pasted
@@ -278,6 +291,7 @@ def speed(engine, out: Path, source: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/faceflow-swap-bench", help="output folder (outside the repository)")
+    ap.add_argument("--skip-photos", action="store_true", help="leave out identity and seams")
     ap.add_argument("--skip-identity", action="store_true")
     ap.add_argument("--skip-video", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
@@ -295,8 +309,9 @@ def main() -> int:
     if not args.skip_identity and not identity:
         print(f"identity left out: {IDENTITY_PYTHON} is absent (see this script's docstring)", file=sys.stderr)
     report = {"load_average": os.getloadavg(), "cpus": os.cpu_count()}
-    report["photos"] = photos(engine, out, identity, args.blend)
-    print(json.dumps(report["photos"], indent=1), flush=True)
+    if not args.skip_photos:
+        report["photos"] = photos(engine, out, identity, args.blend)
+        print(json.dumps(report["photos"], indent=1), flush=True)
     if not args.skip_video:
         report["video"] = video(engine, out, sources(out)["astronaut"])
         print(json.dumps(report["video"], indent=1), flush=True)

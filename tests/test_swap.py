@@ -8,7 +8,6 @@ import io
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -191,3 +190,14 @@ def test_identity_moves_to_the_source_per_an_independent_model(group, source_jpe
     assert len(measured) >= 4
     moved = sum(r["to_source"] < r["to_original"] for r in measured)
     assert moved / len(measured) >= 0.8, rows
+
+
+def test_a_large_source_is_decoded_reduced_and_within_the_memory_budget(engine, astronaut_bgr):
+    from faceflow import images
+    from faceflow.swap import SOURCE_MIN_SIDE
+    big = cv2.imencode(".jpg", cv2.resize(astronaut_bgr, (4000, 4000)))[1].tobytes()
+    operation = engine.swap_operation(big)
+    # halved to 2000 px: the face crop is about 2000/512 of the astronaut's own
+    assert 4000 // 2 >= SOURCE_MIN_SIDE and 300 < operation.source.image.shape[1] < 600
+    with pytest.raises(images.TooLarge):
+        engine.swap_bytes(big, big, memory_bytes=300 * 1024 * 1024)

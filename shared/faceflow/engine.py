@@ -159,15 +159,18 @@ class Engine:
         return self._swappers[name]
 
     def swap_operation(self, source: "bytes | Swap", options: "SwapOptions | None" = None,
-                       fps: float = 25.0) -> "Swap":
+                       fps: float = 25.0, memory_bytes: int | None = None) -> "Swap":
         """The Operation that pastes the source photo's face (`face_index`, else its largest)
         onto the faces `options` selects; `fps`: the video's, for the smoothing. `source` may
-        be an operation made before (its prepared face reused, its video state fresh)."""
-        from .swap import Swap, SwapOptions, pick_source_face
+        be an operation made before (its prepared face reused, its video state fresh). A
+        large source photo is decoded reduced (its longer side kept >= SOURCE_MIN_SIDE) and
+        within `memory_bytes` (see images.pixel_budget)."""
+        from .swap import SOURCE_MIN_SIDE, Swap, SwapOptions, pick_source_face
         if isinstance(source, Swap):
             return source.fresh(fps)
         options = options or SwapOptions()
-        picture = images.decode(source)
+        reduce = images.reduction_for(images.header(source), SOURCE_MIN_SIDE)
+        picture = images.decode(source, reduce, memory_bytes, encoded=False)
         bgr = images.to_bgr8(picture.pixels)
         face = pick_source_face(self.detect(bgr), options.face_index)
         swapper = self.swapper(options.engine)
@@ -183,7 +186,7 @@ class Engine:
         fmt = (out_format or images.header(target).format).upper()
         if not images.can_write(fmt):
             fmt = "JPEG"
-        operation = self.swap_operation(source, options)
+        operation = self.swap_operation(source, options, memory_bytes=memory_bytes)
         picture = images.decode(target, memory_bytes=memory_bytes, out_format=fmt)
         found = self.process_picture(picture, operation)
         out = images.encode(picture, fmt, synthetic_mark=operation.digital_source_type)

@@ -409,7 +409,7 @@ def encode(picture: Picture, fmt: str | None = None, quality: int = 92,
     a GIF's comment (faceflow.synthetic)."""
     fmt = (fmt or picture.format).upper()
     data = _encode(picture, fmt, quality, synthetic_mark)
-    if synthetic_mark and fmt in ("JPEG", "PNG", "WEBP"):
+    if synthetic_mark and fmt in synthetic.SPLICED_FORMATS:
         pixels = picture.pixels
         data = synthetic.embed_xmp(data, fmt, synthetic.xmp_packet(synthetic_mark),
                                    (pixels.shape[1], pixels.shape[0]),

@@ -169,8 +169,9 @@ class LandmarkSwapper:
             roi[...] = np.clip(blended * alpha + roi * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
             return True
         alpha = grid.up(feathered(mask, size / step)) * opacity
-        ys, xs = np.nonzero(alpha > 1.0 / 512)   # only where the paste shows
-        top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        ys, xs = np.nonzero(mask)   # only where the paste shows (the grid's mask holds it)
+        top, left = max(0, (ys.min() - 1) * step), max(0, (xs.min() - 1) * step)
+        bottom, right = (ys.max() + 2) * step, (xs.max() + 2) * step
         area = np.s_[top:bottom, left:right]
         full_x, full_y = grid.up(map_x)[area], grid.up(map_y)[area]
         warped = apply_luts(cv2.remap(source.image, full_x, full_y, cv2.INTER_LINEAR,

@@ -30,8 +30,10 @@ XMP_PNG_KEYWORD = b"XML:com.adobe.xmp"
 # The video container's tags: the URI under its own key, and a sentence any player shows.
 DIGITAL_SOURCE_TYPE_TAG = "digital_source_type"
 COMMENT_TAG = "comment"
-# Formats whose files carry the XMP packet (the rest: see the module's docstring).
+# Formats whose files carry the XMP packet (the rest: see the module's docstring), and of
+# those the ones it is spliced into after encoding (the others' Pillow encoders write it).
 XMP_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF")
+SPLICED_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 def statement(source_type: str) -> str:
