@@ -279,7 +279,7 @@ def swap_video(job_id: str, bucket: str, manifest: SwapManifest, name: str, face
             return splitting.submit_to_gpu(job_id, name, input_uri, decision, SWAP,
                                            source_uri=s3_uri(bucket, manifest.source), options=manifest.options)
         # a source without a face fails the job now (BadInput), before anything is split
-        _engine().swap_operation(face, swap_options(manifest.options))
+        _engine().swap_operation(face, swap_options(manifest.options), memory_bytes=runtime.settings.memory_bytes)
         runtime.jobs.put(job_id, RUNNING, route=decision.rule_name, route_target=decision.target)
         if manifest.options.get("tracks"):
             return swap_whole(job_id, name, src, face, manifest, tmp, start)
@@ -335,7 +335,8 @@ def chunk_operation(engine, plan: dict):
     job_id = plan["job_id"]
     prepared = _prepared.get(job_id)
     if prepared is None:
-        prepared = engine.swap_operation(read_face(job_id, plan), swap_options(plan["swap"].get("options") or {}))
+        prepared = engine.swap_operation(read_face(job_id, plan), swap_options(plan["swap"].get("options") or {}),
+                                         memory_bytes=_runtime().settings.memory_bytes)
         _prepared.clear()
         _prepared[job_id] = prepared
     return engine.swap_operation(prepared, fps=float(plan["info"]["fps"]))
