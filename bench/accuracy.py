@@ -1,15 +1,16 @@
 """Age and gender against the by-eye labels in tests/data/attribute_labels.json.
 
     python bench/accuracy.py [--data ../shared/data] [--download] [--json OUT] [--stability]
-                             [--dlib-parity] [--chips one|mirror|four|ten]
-                             [--align detector|mesh]
+                             [--dlib-parity] [--chips one|mirror|shift|four|ten]
+                             [--age-chips SET] [--gender-chips SET] [--align detector|mesh]
 
 Each labelled face is found again with the default detector (YuNet; IoU >= 0.5 with the
 labelled box) and read by faceflow.agegender.AgeGender, aligned from the detector's five
 landmarks (default, as the analysis does) or, with --align mesh, from the 468-point mesh
 (the analysis' fallback for a face without landmarks); --chips picks the chips each face is
-read from (default agegender.CHIP_VARIANTS). Prints Markdown tables: gender accuracy where the
-model answers
+read from by both networks, --age-chips and --gender-chips by one (default
+agegender.AGE_CHIP_VARIANTS and GENDER_CHIP_VARIANTS). Prints Markdown tables: gender accuracy
+where the model answers
 (`gender.value` not null), how often it answers, the accuracy it would have if it always
 answered; how often the age estimate falls in the labelled range; by group (small faces,
 elderly, children, turned heads), and the accuracy and coverage over confidence thresholds
@@ -76,7 +77,8 @@ def load_image(file: str, data: Path, download: bool = False) -> np.ndarray | No
 
 
 def evaluate(data: Path, model_dir=None, download: bool = False, threads: int = 0,
-             variants: tuple = agegender.CHIP_VARIANTS,
+             age_variants: tuple = agegender.AGE_CHIP_VARIANTS,
+             gender_variants: tuple = agegender.GENDER_CHIP_VARIANTS,
              align: str = "detector") -> tuple[list[dict], list[str]]:
     """One row per labelled face and the files that could not be read. A row holds the
     labels (label_gender, label_age [low, high], note), whether the face was found, its
@@ -84,7 +86,8 @@ def evaluate(data: Path, model_dir=None, download: bool = False, threads: int = 
     null) and the age the estimator reports."""
     labels = json.loads(LABELS.read_text())["faces"]
     detector = load_detector(model_dir=model_dir, threads=threads)
-    estimator = agegender.AgeGender(model_dir=model_dir, threads=threads, variants=variants)
+    estimator = agegender.AgeGender(model_dir=model_dir, threads=threads, age_variants=age_variants,
+                                    gender_variants=gender_variants)
     mesh = FaceMesh(model_dir) if align == "mesh" else None
     rows, missing = [], []
     by_file: dict[str, list[dict]] = {}
@@ -186,12 +189,14 @@ def report(rows: list[dict], missing: list[str]) -> str:
 CHIP_SETS = {
     "one": ((0, 0, False),),
     "mirror": ((0, 0, False), (0, 0, True)),
+    "shift": ((0, 0, False), (1, 1, False)),
     "four": ((0, 0, False), (0, 0, True), (1, 1, False), (-1, -1, False)),
     "ten": tuple((dx, dy, m) for dx, dy in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)) for m in (False, True)),
 }
 STABILITY_VARIANTS = {
     "one chip": CHIP_SETS["one"],
-    "plain + mirror": CHIP_SETS["mirror"],
+    "plain + mirror (gender's default)": CHIP_SETS["mirror"],
+    "plain + (1,1) (age's default)": CHIP_SETS["shift"],
     "four: plain, mirror, (1,1), (-1,-1)": CHIP_SETS["four"],
     "ten: 5 offsets x mirror": CHIP_SETS["ten"],
 }
@@ -283,14 +288,22 @@ def main(argv=None) -> None:
     ap.add_argument("--dlib-parity", action="store_true",
                     help="also compare the chips with dlib's own (needs `pip install dlib-bin`)")
     ap.add_argument("--chips", choices=sorted(CHIP_SETS), default=None,
-                    help="read each face from this chip set instead of agegender.CHIP_VARIANTS")
+                    help="both networks read each face from this chip set")
+    ap.add_argument("--age-chips", choices=sorted(CHIP_SETS), default=None,
+                    help="the age network's chip set (default agegender.AGE_CHIP_VARIANTS)")
+    ap.add_argument("--gender-chips", choices=sorted(CHIP_SETS), default=None,
+                    help="the gender network's chip set (default agegender.GENDER_CHIP_VARIANTS)")
     ap.add_argument("--align", choices=("detector", "mesh"), default="detector",
                     help="dlib's five points from the detector's landmarks (as the analysis does) "
                          "or from the 468-point mesh")
     args = ap.parse_args(argv)
-    variants = CHIP_SETS[args.chips] if args.chips else agegender.CHIP_VARIANTS
-    print(f"chips a face: {variants}; alignment from the {args.align}")
-    rows, missing = evaluate(args.data, args.models, args.download, variants=variants, align=args.align)
+    age_variants = CHIP_SETS[args.age_chips or args.chips] if (args.age_chips or args.chips) \
+        else agegender.AGE_CHIP_VARIANTS
+    gender_variants = CHIP_SETS[args.gender_chips or args.chips] if (args.gender_chips or args.chips) \
+        else agegender.GENDER_CHIP_VARIANTS
+    print(f"chips a face: age {age_variants}, gender {gender_variants}; alignment from the {args.align}")
+    rows, missing = evaluate(args.data, args.models, args.download, age_variants=age_variants,
+                             gender_variants=gender_variants, align=args.align)
     print(report(rows, missing))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "missing": missing}, indent=1))

@@ -2,7 +2,7 @@
 default attributes (gender, age, pose, quality, eyes), and the cold start the analysis models add.
 
     python bench/analyze.py [--runs 30] [--warmup 3] [--attributes gender,age,pose,quality,eyes]
-                            [--cold-runs 5] [--profile]
+                            [--cold-runs 5] [--profile] [--age-chips SET] [--gender-chips SET]
 
 The photo is cut from ../shared/data/images/pyfeat_multi_face.jpg (five faces, ~100-130 px):
 a 640x480 window holding all five, then with 4, 3, 2, 1 of them covered by a flat grey patch
@@ -20,7 +20,9 @@ and models included) after the end-to-end runs and at the end, and the cold star
 fresh processes, the wall time to import faceflow and build the Engine, then to build the
 Analyzer (its imports and model loads: what analysis adds to a Lambda cold start); medians.
 The load average is printed beside every table. Targets (printed, not enforced): p50 <= 40 ms
-at up to 5 faces, peak RSS <= 180 MB, analysis cold start <= 1 s.
+at up to 5 faces, peak RSS <= 180 MB, analysis cold start <= 1 s. --age-chips and
+--gender-chips read each face from another of bench/accuracy.py's chip sets (one, mirror,
+shift, four, ten) instead of agegender's defaults: the cost side of the accuracy it reports.
 """
 from __future__ import annotations
 
@@ -43,9 +45,12 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "shared"))
 from faceflow import images  # noqa: E402
-from faceflow.agegender import AGE_CHIP, FACES_PER_RUN, GENDER_CHIP, AgeGender  # noqa: E402
+from faceflow.agegender import AGE_CHIP, CHIPS_PER_RUN, GENDER_CHIP, AgeGender  # noqa: E402
 from faceflow.analysis import DEFAULT_ATTRIBUTES, FaceContext, parse_attributes  # noqa: E402
 from faceflow.engine import Engine  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from accuracy import CHIP_SETS  # noqa: E402
 
 SOURCE = ROOT.parent / "shared" / "data" / "images" / "pyfeat_multi_face.jpg"
 WINDOW = (150, 20, 640, 480)  # x, y, w, h in the source: all five faces inside
@@ -107,17 +112,18 @@ def timed(fn, runs: int):
 def age_gender_parts(estimator: AgeGender, bgr, contexts) -> dict:
     """AgeGender's parts as stages: each network's chips, then the network on them."""
     points = [estimator.alignment_points(c) for c in contexts]
-    per_run = FACES_PER_RUN * len(estimator.variants)
     stages = {}
     for session, size, label in ((estimator.age_session, AGE_CHIP, "age"),
                                  (estimator.gender_session, GENDER_CHIP, "gender")):
+        variants = estimator.variants_for(size)
+        per_run = max(1, CHIPS_PER_RUN // len(variants)) * len(variants)
         def chips(size=size):
             return [c for p in points for c in estimator.chips(bgr, p, size)]
 
-        def network(session=session, blob=estimator.blob(chips())):
+        def network(session=session, blob=estimator.blob(chips()), per_run=per_run):
             name = session.get_inputs()[0].name
             return [session.run(None, {name: blob[i:i + per_run]}) for i in range(0, len(blob), per_run)]
-        count = len(points) * len(estimator.variants)
+        count = len(points) * len(variants)
         stages[f"- {label} chips ({count})"] = chips
         stages[f"- {label} network ({count} chips, {per_run} a run)"] = network
     return stages
@@ -155,11 +161,20 @@ def main() -> None:
     ap.add_argument("--cold-runs", type=int, default=5)
     ap.add_argument("--attributes", default=",".join(DEFAULT_ATTRIBUTES))
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of the 5-face runs")
+    ap.add_argument("--age-chips", choices=sorted(CHIP_SETS), help="the age network's chip set")
+    ap.add_argument("--gender-chips", choices=sorted(CHIP_SETS), help="the gender network's chip set")
     args = ap.parse_args()
     attributes = parse_attributes(args.attributes)
     cv2.setNumThreads(1)
     engine = Engine(threads=1)
     analyzer = engine.analyzer(attributes)
+    for estimator in analyzer.estimators:
+        if isinstance(estimator, AgeGender):
+            if args.age_chips:
+                estimator.age_variants = CHIP_SETS[args.age_chips]
+            if args.gender_chips:
+                estimator.gender_variants = CHIP_SETS[args.gender_chips]
+            print(f"chips a face: age {estimator.age_variants}, gender {estimator.gender_variants}")
     data = photos(engine)
 
     print(f"attributes: {','.join(attributes)}; one thread; {args.runs} runs after {args.warmup} warm-up")

