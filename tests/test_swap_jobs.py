@@ -6,6 +6,7 @@ manifest, a source without a face. Nothing is mocked; the stack tests skip with 
 a service is missing (fail in CI: see conftest)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.request
 from pathlib import Path
@@ -79,8 +80,12 @@ def test_bad_manifests_are_refused_with_the_reason(body, message):
 
 
 def test_options_are_what_faceflow_swap_takes():
+    from faceflow import swap
     from faceflow.swap import SwapOptions
+    from faceflow.web import api
     from functions.common.swapjobs import swap_options
+    assert api.SWAP_ENGINES == swap.ENGINES  # the API names them without importing cv2
+    assert set(api.SwapJobOptions.model_fields) == {f.name for f in dataclasses.fields(SwapOptions)}
     options = swap_options(check_options({"engine": "landmark", "tracks": [3, 1]}, "video"))
     assert isinstance(options, SwapOptions) and options.tracks == {1, 3}
     with pytest.raises(BadInput, match="either the largest face or tracks"):

@@ -1,6 +1,7 @@
 """Face swap jobs: a job manifest under the swap prefix (`swap/`, the only swap objects that
 trigger) names the target (a photo or a video) and the source face (a photo), both uploaded
-under the same prefix, and the options (events/s3_swap_manifest.json):
+under the same prefix, and the options (events/swap_manifest.json; its S3 event:
+events/s3_swap_manifest.json):
 
     {"target": "swap/greeting/template.mp4", "source": "swap/greeting/selfie.jpg",
      "options": {"engine": "landmark", "face_index": 0, "largest": false, "tracks": [1]},
@@ -37,6 +38,7 @@ from botocore.exceptions import ClientError
 from faceflow import media, routing
 from faceflow.bundle import ModelError
 from faceflow.images import BadInput
+from faceflow.swap import ENGINES
 
 from .aws import job_for_key, make_tracer
 from .jobs import DONE, FAILED, RUNNING
@@ -51,9 +53,8 @@ MAX_MANIFEST_BYTES = 64 * 1024
 MANIFEST_FIELDS = ("target", "source", "options", "sensitivity", "priority")
 # SwapOptions' fields a manifest may set (faceflow.swap checks the values), and their JSON types.
 OPTION_TYPES = {"engine": (str,), "face_index": (int,), "largest": (bool,), "tracks": (list,)}
-ENGINES = ("landmark", "inswapper")
 MAX_TRACKS = 1000
-SENSITIVITIES = ("public", "normal", "standard", "private")   # the API's words and routing's
+SENSITIVITIES = (*routing.SENSITIVITIES, *routing.API_SENSITIVITY)   # routing's words and the API's
 PRIORITIES = routing.PRIORITIES
 
 
