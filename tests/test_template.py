@@ -890,10 +890,12 @@ def test_requirements_are_pinned_and_match_the_engine():
         name = canonicalize_name(req.name)
         assert name in pins, f"engine dependency {req.name} is not pinned in {REQUIREMENTS.name}"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {dep}"
-    onnx_arg = re.search(r"ARG ONNX_VERSION=(\S+)", DOCKERFILE.read_text())
-    assert onnx_arg, "the build stage pins onnx"
+    # The build stage pins each package of the `fetch` extra with an ARG <NAME>_VERSION.
     for dep in project["optional-dependencies"]["fetch"]:
-        assert Requirement(dep).specifier.contains(onnx_arg[1]), dep
+        req = Requirement(dep)
+        arg = re.search(rf"ARG {req.name.upper()}_VERSION=(\S+)", DOCKERFILE.read_text())
+        assert arg, f"the build stage pins {req.name}"
+        assert req.specifier.contains(arg[1]), dep
 
 
 # --- size budget -------------------------------------------------------------------------
