@@ -285,6 +285,10 @@ def add_local_job_routes(app: APIGatewayHttpResolver, jobs: LocalJobs, public_ur
 
     @app.post(**api.CREATE_JOB)
     def create_job(request: api.JobRequest) -> api.JobCreated:
+        if request.operation == "swap" or request.source_filename or request.swap_options:
+            # never run as another operation: a swap job needs the deployed API's second upload
+            raise BadRequestError("face swap jobs run on the deployed API; here, POST /v1/swap swaps a photo "
+                                  "and `faceflow swap` a video")
         suffix = api.upload_suffix(request.filename)
         readable = api.readable_media_types(request.filename)
         if request.content_type is not None and request.content_type not in readable:
