@@ -46,6 +46,7 @@ class GpuWorker:
     def __init__(self, root: Path, env: Mapping[str, str], log_path: Path, startup_timeout: float = 180.0):
         self.root, self.env, self.log_path, self.startup_timeout = Path(root), dict(env), Path(log_path), startup_timeout
         self.port: int | None = None
+        self.grpc_port: int | None = None   # the worker's gRPC stream service
         self.child: Child | None = None
 
     @property
@@ -53,9 +54,11 @@ class GpuWorker:
         return f"http://{LOOPBACK}:{self.port}"
 
     def start(self) -> None:
-        self.port = free_port()
+        self.port, self.grpc_port = free_port(), free_port()
         argv = [sys.executable, "-m", "functions.gpu.server", "serve", "--host", LOOPBACK, "--port", str(self.port)]
-        self.child = Child("gpu-worker", argv, self.log_path, env=self.env, cwd=self.root)
+        # a free port for the stream service too: its fixed default may be another stack's
+        env = {**self.env, "FACEFLOW_GPU_GRPC_PORT": str(self.grpc_port)}
+        self.child = Child("gpu-worker", argv, self.log_path, env=env, cwd=self.root)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or self.startup_timeout)

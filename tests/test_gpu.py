@@ -110,7 +110,8 @@ def test_parse_job_defaults_the_report_beside_the_output():
     (b"[1, 2]", "must be a JSON object"),
     (json.dumps(descriptor(job_id=None)).encode(), "job_id must be"),
     (json.dumps(descriptor(job_id="../etc")).encode(), "job_id must be"),
-    (json.dumps(descriptor(operation="swap")).encode(), "operation 'swap' is not supported here"),
+    (json.dumps(descriptor(operation="swap")).encode(), "a swap needs source"),
+    (json.dumps(descriptor(operation="blur")).encode(), "operation 'blur' is not supported here"),
     (json.dumps(descriptor(input="https://example.com/a.jpg")).encode(), "input 'https://example.com/a.jpg' is not an s3"),
     (json.dumps(descriptor(input=None)).encode(), "input must be an s3://bucket/key"),
     (json.dumps(descriptor(output=None)).encode(), "output is required for anonymize"),
@@ -205,7 +206,8 @@ def worker(aws_env, s3, model_dir, tmp_path_factory):
     env = {**os.environ, **aws_env,
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "shared")]),
            "FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_GPU_BATCH": str(BATCH),
-           "FACEFLOW_GPU_WORKERS": "2", "POWERTOOLS_LOG_LEVEL": "INFO"}
+           "FACEFLOW_GPU_WORKERS": "2", "POWERTOOLS_LOG_LEVEL": "INFO",
+           "FACEFLOW_GPU_GRPC_PORT": "0"}  # no stream service here (tests/test_stream_grpc.py has it)
     env.pop("FACEFLOW_GPU_PORT", None)
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "functions.gpu.server", "serve", "--host", "127.0.0.1",
@@ -398,7 +400,7 @@ def test_bad_input_is_a_4xx_with_a_clear_message(worker, s3, case, astronaut_bgr
 @pytest.mark.parametrize("body,status,message", [
     (b"{malformed", 400, "request body is not valid JSON"),
     (b'"just a string"', 400, "must be a JSON object"),
-    (json.dumps(descriptor(operation="swap")).encode(), 400, "not supported here"),
+    (json.dumps(descriptor(operation="blur")).encode(), 400, "not supported here"),
     (json.dumps(descriptor(options={"cells": 99})).encode(), 400, "cells must be between"),
 ])
 def test_bad_descriptors_over_http(worker, body, status, message):
@@ -454,6 +456,9 @@ def test_submit_needs_an_endpoint_and_a_valid_job(s3, runtime, monkeypatch):
     with pytest.raises(gpu.GpuError, match="cannot be an InferenceId"):
         gpu.submit("x" * 65, "s3://a-b/k.mp4", "s3://a-b/o.mp4", request_bucket="a-b", s3=s3, runtime=runtime)
     with pytest.raises(gpu.GpuError, match="not one the GPU worker runs"):
+        gpu.submit("j1", "s3://a-b/k.mp4", "s3://a-b/o.mp4", operation="blur", request_bucket="a-b",
+                   s3=s3, runtime=runtime)
+    with pytest.raises(gpu.GpuError, match="a swap, and only a swap, names a source"):
         gpu.submit("j1", "s3://a-b/k.mp4", "s3://a-b/o.mp4", operation="swap", request_bucket="a-b",
                    s3=s3, runtime=runtime)
     with pytest.raises(gpu.GpuError, match="input 'uploads/k.mp4' is not an s3"):

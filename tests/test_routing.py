@@ -205,11 +205,13 @@ def shipped():
 
 
 SHIPPED_CASES = [
-    # photos: Lambda, whatever their size, unless a swap
+    # photos: Lambda, whatever their size and operation; a video swap: the GPU
     ({"operation": "anonymize", "name": "a.jpg", "size_bytes": 4_000_000}, "lambda", "stills-on-lambda"),
     ({"operation": "analyze", "name": "a.png", "width": 8000, "height": 6000}, "lambda", "stills-on-lambda"),
-    ({"operation": "swap", "name": "a.jpg"}, "gpu", "swap-on-gpu"),
-    ({"operation": "swap", "name": "a.mp4", "duration_s": 5}, "gpu", "swap-on-gpu"),
+    ({"operation": "swap", "name": "a.jpg"}, "lambda", "stills-on-lambda"),
+    ({"operation": "swap", "name": "a.jpg", "size_bytes": 2 * GIB}, "lambda", "stills-on-lambda"),
+    ({"operation": "swap", "name": "a.mp4", "duration_s": 5}, "gpu", "video-swap-on-gpu"),
+    ({"operation": "swap", "media": "video"}, "gpu", "video-swap-on-gpu"),
     # private: always Lambda, even a swap or a two-hour 4K video
     ({"operation": "swap", "name": "a.jpg", "sensitivity": "private"}, "lambda", "private-stays-on-lambda"),
     ({"operation": "anonymize", "name": "a.mp4", "duration_s": 7200, "height": 2160,
@@ -246,18 +248,37 @@ def test_shipped_table_pins_private_jobs_to_lambda_whatever_else(shipped):
         assert (decision.target, decision.rule_name) == ("lambda", "private-stays-on-lambda"), facts
 
 
-def test_shipped_table_private_rule_is_first_and_swap_is_gpu_unless_private(shipped):
+def test_shipped_table_private_rule_is_first_and_video_swap_is_gpu_unless_private(shipped):
     assert shipped.rules[0].name == "private-stays-on-lambda"
     assert shipped.rules[0].target == "lambda"
-    for name in ("a.jpg", "a.mp4", "x"):
-        for sensitivity in ("public", "standard", None):
-            assert shipped.route({"operation": "swap", "name": name, "sensitivity": sensitivity}).target == "gpu"
+    for sensitivity in ("public", "standard", None):
+        for duration in (None, 1, 7200):
+            facts = {"operation": "swap", "name": "a.mp4", "sensitivity": sensitivity, "duration_s": duration}
+            assert shipped.route(facts).target == "gpu"
+            assert shipped.route(facts, gpu_available=False).target == "lambda"
+        assert shipped.route({"operation": "swap", "name": "a.jpg", "sensitivity": sensitivity}).target == "lambda"
+    assert shipped.route({"operation": "swap", "name": "a.mp4", "sensitivity": "private"}).target == "lambda"
+
+
+@pytest.mark.parametrize("sensitivity", ["private", "Private ", "classified"])
+def test_a_private_job_never_goes_to_the_gpu_whatever_the_rules_say(sensitivity):
+    """A table whose rules would send private media to the GPU (a rule above the private one,
+    a catch-all, a gpu default) still keeps it on Lambda, and the reason says why."""
+    careless = table({"name": "swap-gpu", "when": {"operation": ["swap"]}, "target": "gpu", "description": "swaps"},
+                     {"name": "private-gpu", "when": {"sensitivity": ["private"]}, "target": "gpu",
+                      "description": "private"}, default="gpu")
+    for facts in ({"operation": "swap", "media": "video"}, {"operation": "anonymize", "media": "video"},
+                  {"operation": "analyze"}):
+        decision = careless.route({**facts, "sensitivity": sensitivity})
+        assert decision.target == "lambda", decision
+        assert "private media never goes to the GPU endpoint" in decision.reason
+        assert careless.route(facts).target == "gpu"  # the rules themselves do send it there
 
 
 def test_shipped_table_is_what_the_module_routes_with(monkeypatch):
     monkeypatch.delenv(routing.ENV_FILE, raising=False)
-    assert routing.route({"operation": "swap", "name": "a.jpg"}) == load_rules(SHIPPED).route(
-        {"operation": "swap", "name": "a.jpg"})
+    assert routing.route({"operation": "swap", "name": "a.mp4"}) == load_rules(SHIPPED).route(
+        {"operation": "swap", "name": "a.mp4"})
 
 
 def test_shipped_table_survives_a_round_trip_and_every_rule_is_reachable(shipped):

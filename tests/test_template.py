@@ -31,9 +31,10 @@ MODEL_DIR = "/opt/faceflow/models"
 UPLOAD_PREFIX, RESULT_PREFIX = "uploads/", "results/"  # functions/common/settings.py
 ANALYZE_PREFIX = "analyze/"                             # the same, for analysis (report only)
 TRIGGER_PREFIXES = (UPLOAD_PREFIX, ANALYZE_PREFIX)
+SWAP_PREFIX = "swap/"   # the same: a face swap's uploads, of which only its manifest (.json) triggers
 ROUTES = {("POST", "/v1/jobs"), ("GET", "/v1/jobs/{id}"), ("GET", "/v1/jobs/{id}/result"),
           ("GET", "/v1/jobs/{id}/upload"), ("POST", "/v1/jobs/{id}/complete"),
-          ("POST", "/v1/analyze"), ("POST", "/v1/anonymize")}
+          ("POST", "/v1/analyze"), ("POST", "/v1/anonymize"), ("POST", "/v1/swap")}
 # Managed policies SAM attaches (logs, X-Ray via Tracing: Active, ENIs via VpcConfig):
 # explicit actions only. Anything else attached to a function role is a finding.
 ALLOWED_MANAGED_POLICIES = {
@@ -402,10 +403,11 @@ def test_function_policies_are_least_privilege(template):
     assert _grants(_function_statements(template, "StillsFunction")) == {
         *((a, uploads) for uploads in inputs for a in ("s3:GetObject", "s3:GetObjectVersion", "s3:GetObjectTagging")),
         ("s3:PutObject", results)}
+    swaps = f"{arn}{inp}/{SWAP_PREFIX}*"   # a swap's uploads; its completion checks them and writes the manifest
     assert _grants(_function_statements(template, "ApiFunction")) == {
-        *((a, uploads) for uploads in inputs
+        *((a, uploads) for uploads in (*inputs, swaps)
           for a in ("s3:PutObject", "s3:ListMultipartUploadParts", "s3:AbortMultipartUpload")),
-        ("s3:GetObject", results)}
+        ("s3:GetObject", swaps), ("s3:GetObject", results)}
 
 
 def test_no_circular_reference_between_buckets_and_function_roles(template):
@@ -432,6 +434,7 @@ def test_buckets_are_private_encrypted_https_only_and_expire(template):
                    and r["Status"] == "Enabled" for r in rules), name
         if name == "InputBucket":
             assert any(r.get("Prefix") == ANALYZE_PREFIX and "ExpirationInDays" in r for r in rules)
+            assert any(r.get("Prefix") == SWAP_PREFIX and "ExpirationInDays" in r for r in rules)
         deny = [s for s in policies[name]["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"]
         assert any(s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} for s in deny), name
 
@@ -473,10 +476,12 @@ def test_only_the_input_bucket_triggers_processing(template):
             assert props["Bucket"] == {"Ref": "InputBucket"}, f"{ev_name}: S3 events on the input bucket only"
             assert as_list(props["Events"]) == ["s3:ObjectCreated:*"], ev_name
             rules = {r["Name"]: r["Value"] for r in props["Filter"]["S3Key"]["Rules"]}
-            assert rules["prefix"] in TRIGGER_PREFIXES, ev_name
+            assert rules["prefix"] in (*TRIGGER_PREFIXES, SWAP_PREFIX), ev_name
             suffixes.append((rules["prefix"], rules["suffix"]))
             by_function.setdefault((fn_name, rules["prefix"]), set()).add(rules["suffix"])
     assert len(suffixes) == len(set(suffixes)), "one event per prefix and suffix"
+    assert by_function[("SplitFunction", SWAP_PREFIX)] == {".json"}, "a swap starts with its manifest alone"
+    assert ("StillsFunction", SWAP_PREFIX) not in by_function
     for prefix in TRIGGER_PREFIXES:  # the analysis prefix triggers on what uploads/ does
         assert by_function[("SplitFunction", prefix)] == {
             case(ext) for ext in VIDEO_SUFFIXES for case in (str.lower, str.upper)}
@@ -497,7 +502,7 @@ def test_output_bucket_never_triggers_after_the_sam_transform(transformed):
     for config in notifications["LambdaConfigurations"]:
         targets.add(config["Function"]["Ref"])
         rules = {r["Name"]: r["Value"] for r in config["Filter"]["S3Key"]["Rules"]}
-        assert rules["prefix"] in TRIGGER_PREFIXES
+        assert rules["prefix"] in (*TRIGGER_PREFIXES, SWAP_PREFIX)
     assert targets == {"StillsFunctionAliaslive", "SplitFunctionAliaslive"}
     for config in notifications["QueueConfigurations"]:
         rules = {r["Name"]: r["Value"] for r in config["Filter"]["S3Key"]["Rules"]}
@@ -623,7 +628,7 @@ def test_video_function_policies_are_least_privilege(template):
     queue = lambda name: json.dumps({"Fn::GetAtt": [name, "Arn"]})  # noqa: E731
     listing = lambda prefix: json.dumps({"StringLike": {"s3:prefix": f"{prefix}*"}})  # noqa: E731
     assert grants("SplitFunction") == {
-        *((a, f"{arn}{inp}/{prefix}*", none) for prefix in TRIGGER_PREFIXES
+        *((a, f"{arn}{inp}/{prefix}*", none) for prefix in (*TRIGGER_PREFIXES, SWAP_PREFIX)
           for a in ("s3:GetObject", "s3:GetObjectTagging")),
         ("s3:PutObject", f"{arn}{out}/{WORK_PREFIX}*", none),
         ("s3:PutObject", f"{arn}{out}/{RESULT_PREFIX}*", none),  # an analysed video's report
@@ -891,10 +896,12 @@ def test_requirements_are_pinned_and_match_the_engine():
         name = canonicalize_name(req.name)
         assert name in pins, f"engine dependency {req.name} is not pinned in {REQUIREMENTS.name}"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {dep}"
-    onnx_arg = re.search(r"ARG ONNX_VERSION=(\S+)", DOCKERFILE.read_text())
-    assert onnx_arg, "the build stage pins onnx"
+    # The build stage pins each package of the `fetch` extra with an ARG <NAME>_VERSION.
     for dep in project["optional-dependencies"]["fetch"]:
-        assert Requirement(dep).specifier.contains(onnx_arg[1]), dep
+        req = Requirement(dep)
+        arg = re.search(rf"ARG {req.name.upper()}_VERSION=(\S+)", DOCKERFILE.read_text())
+        assert arg, f"the build stage pins {req.name}"
+        assert req.specifier.contains(arg[1]), dep
 
 
 # --- size budget -------------------------------------------------------------------------
@@ -1030,6 +1037,7 @@ def test_gpu_execution_role_is_least_privilege(template):
                 grants.add((action, sub_string(resource) or json.dumps(resource, sort_keys=True)))
     s3 = {g for g in grants if g[0].startswith("s3:")}
     assert s3 == {("s3:GetObject", f"{arn}{inp}/{UPLOAD_PREFIX}*"), ("s3:GetObject", f"{arn}{inp}/{ANALYZE_PREFIX}*"),
+                  ("s3:GetObject", f"{arn}{inp}/{SWAP_PREFIX}*"),  # a swap's target and source face
                   ("s3:GetObject", f"{arn}{out}/{GPU_REQUESTS}*"),
                   ("s3:PutObject", f"{arn}{out}/{RESULT_PREFIX}*"),
                   ("s3:AbortMultipartUpload", f"{arn}{out}/{RESULT_PREFIX}*")}

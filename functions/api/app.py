@@ -47,8 +47,9 @@ from faceflow.web.api import (
 from faceflow.web.page import add_page_routes
 from functions.common.aws import Adapters, make_tracer, result_keys
 from functions.common.jobs import DONE, FAILED, QUEUED, new_job_id
+from functions.common.layout import swap_key
 from functions.common.review import review_fields
-from functions.common.settings import ANALYZE, ANALYZE_PREFIX, ANONYMIZE, UPLOAD_PREFIX
+from functions.common.settings import ANALYZE, ANALYZE_PREFIX, ANONYMIZE, SWAP, SWAP_MANIFEST_NAME, UPLOAD_PREFIX
 from functions.video.config import VideoSettings
 
 logger = Logger(service="faceflow-api")
@@ -142,15 +143,17 @@ def create_job(request: JobRequest) -> JobCreated:
     operation = request.operation or ANONYMIZE
     report = None if request.report is None else json.dumps(request.report, separators=(",", ":"))
     if report is not None and operation != ANONYMIZE:
-        raise BadRequestError("report: an edited report is rendered by an anonymize job, not an analysis")
+        raise BadRequestError("report: an edited report is rendered by an anonymize job, not an analysis or a swap")
     if report is not None and len(report) > api.MAX_REPORT_BYTES:
         raise ServiceError(413, f"report: {len(report)} bytes of JSON is over the limit of {api.MAX_REPORT_BYTES}")
     job_id = new_job_id()
-    key = f"{ANALYZE_PREFIX if operation == ANALYZE else UPLOAD_PREFIX}{job_id}/{request.filename}"
+    swap = swap_fields(request, job_id, is_video)
+    key = swap_key(job_id, request.filename) if swap else \
+        f"{ANALYZE_PREFIX if operation == ANALYZE else UPLOAD_PREFIX}{job_id}/{request.filename}"
     content_type = request.content_type or UPLOAD_CONTENT_TYPES[suffix]
     record = dict(owner=caller(), input=f"s3://{settings.input_bucket}/{key}", media="video" if is_video else "image",
                   sensitivity=request.sensitivity, priority=request.priority, operation=operation,
-                  **review_fields(report))
+                  **review_fields(report), **(swap["record"] if swap else {}))
     if size is not None and size >= MULTIPART_THRESHOLD_BYTES:
         upload_id = adapters.s3.create_multipart_upload(
             Bucket=settings.input_bucket, Key=key, ContentType=content_type)["UploadId"]
@@ -165,7 +168,62 @@ def create_job(request: JobRequest) -> JobCreated:
         adapters.jobs.put(job_id, QUEUED, **record)
         upload = Upload(url=url, headers={"Content-Type": content_type}, expires_in=settings.url_ttl_s)
     metrics.add_metric(name="JobsCreated", unit=MetricUnit.Count, value=1)
+    if swap:
+        return JobCreated(job_id=job_id, status=QUEUED, upload=upload, source_upload=swap["upload"],
+                          complete_url=f"/v1/jobs/{job_id}/complete")
     return JobCreated(job_id=job_id, status=QUEUED, upload=upload)
+
+
+def swap_fields(request: JobRequest, job_id: str, is_video: bool) -> Optional[dict]:
+    """A swap job's source upload and record fields (None for another operation); 400 for a
+    swap without a source or a source without a swap, or options that do not fit the target."""
+    if request.operation != SWAP:
+        if request.source_filename is not None or request.swap_options is not None:
+            raise BadRequestError("source_filename and swap_options are a swap's (\"operation\": \"swap\") only")
+        return None
+    if request.source_filename is None:
+        raise BadRequestError("a swap needs source_filename: the photo of the face to put in, a second upload")
+    options = request.swap_options.model_dump(exclude_none=True) if request.swap_options else {}
+    if options.get("tracks") and not is_video:
+        raise BadRequestError("swap_options.tracks picks faces of a video (track ids from its analysis report)")
+    if options.get("tracks") and options.get("largest"):
+        raise BadRequestError("swap_options: choose either the largest face or tracks, not both")
+    settings = adapters.settings
+    key = swap_key(job_id, f"source/{request.source_filename}")
+    content_type = request.source_content_type or UPLOAD_CONTENT_TYPES[api.upload_suffix(request.source_filename)]
+    url = adapters.s3.generate_presigned_url("put_object", ExpiresIn=settings.url_ttl_s, Params={
+        "Bucket": settings.input_bucket, "Key": key, "ContentType": content_type})
+    return {"upload": Upload(url=url, headers={"Content-Type": content_type}, expires_in=settings.url_ttl_s),
+            "record": {"source": f"s3://{settings.input_bucket}/{key}", "options": options or None}}
+
+
+def require_uploaded(job: dict, what: str) -> str:
+    """The key of a swap job's upload `what` ("input": the target, "source": the face), or 409
+    when it has not arrived."""
+    key = job[what].split("/", 3)[3]
+    try:
+        adapters.s3.head_object(Bucket=adapters.settings.input_bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+            raise
+        name = "the target" if what == "input" else "the source face photo"
+        raise ServiceError(409, f"{name} of job {job['id']} has not been uploaded: PUT it, then complete "
+                                "again") from None
+    return key
+
+
+def start_swap(job: dict) -> Job:
+    """A swap job's completion: both uploads must be there (409 names the missing one); then
+    its manifest, swap/{job_id}/manifest.json, starts it (functions.common.swapjobs)."""
+    settings = adapters.settings
+    keys = {what: require_uploaded(job, what) for what in ("input", "source")}
+    manifest = {"target": keys["input"], "source": keys["source"], "options": job.get("options") or {},
+                **{k: job[k] for k in ("sensitivity", "priority") if job.get(k)}}
+    adapters.jobs.put(job["id"], QUEUED, upload=COMPLETING)
+    adapters.s3.put_object(Bucket=settings.input_bucket, Key=swap_key(job["id"], SWAP_MANIFEST_NAME),
+                           Body=json.dumps(manifest).encode(), ContentType="application/json")
+    metrics.add_metric(name="SwapJobsStarted", unit=MetricUnit.Count, value=1)
+    return job_view(owned_job(job["id"]))
 
 
 def multipart_upload(job_id: str, key: str, upload_id: str, size: int, part_size: int,
@@ -241,7 +299,11 @@ def complete_upload(job_id: str) -> Job:
     job = owned_job(job_id)
     if job.get("upload") == COMPLETING:
         return job_view(job)  # a repeated call (the first answer was lost): the same answer
+    if job.get("operation") == SWAP and job.get("upload") is None:
+        return start_swap(job)  # two single PUTs
     key, upload_id, size, part_size = open_upload(job)
+    if job.get("operation") == SWAP:
+        require_uploaded(job, "source")  # before the parts are joined: the swap starts right after
     parts = received_parts(job, key, upload_id)
     good = complete_parts(parts, size, part_size)
     missing = [n for n in range(1, math.ceil(size / part_size) + 1) if n not in good]
@@ -274,6 +336,8 @@ def complete_upload(job_id: str) -> Job:
         raise ServiceError(409, f"S3 refused to join the parts ({code}); the upload is aborted: create a new job") \
             from None
     metrics.add_metric(name="MultipartUploadsCompleted", unit=MetricUnit.Count, value=1)
+    if job.get("operation") == SWAP:
+        return start_swap(owned_job(job_id))
     return job_view(owned_job(job_id))
 
 

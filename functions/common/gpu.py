@@ -38,7 +38,7 @@ from typing import Any, Mapping
 ENDPOINT_ENV = "FACEFLOW_GPU_ENDPOINT"
 REQUEST_PREFIX = "results/_gpu/requests/"   # output bucket; expires with results/
 CONTENT_TYPE = "application/json"
-OPERATIONS = ("anonymize", "analyze")
+OPERATIONS = ("anonymize", "analyze", "swap")
 DONE, FAILED = "done", "failed"            # functions.common.jobs' statuses
 BACKEND = "gpu"
 MAX_INVOCATION_TIMEOUT_S = 3600           # SageMaker's limit for one async invocation
@@ -90,7 +90,8 @@ class Submission:
 
 
 def build_request(job_id: str, input_uri: str, output_uri: str | None, operation: str = "anonymize",
-                  options: Mapping[str, Any] | None = None, report_uri: str | None = None) -> dict[str, Any]:
+                  options: Mapping[str, Any] | None = None, report_uri: str | None = None,
+                  source_uri: str | None = None) -> dict[str, Any]:
     """The job descriptor functions/gpu/server.py takes (checked here, and again there)."""
     if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
         raise GpuError(f"job id {str(job_id)[:80]!r} cannot be an InferenceId (1-64 letters, digits, '.', '_', '-')")
@@ -99,7 +100,12 @@ def build_request(job_id: str, input_uri: str, output_uri: str | None, operation
     split_s3_uri(input_uri, "input")
     if output_uri is None and report_uri is None:
         raise GpuError("an output (or, for analyze, a report) location is required")
+    if (operation == "swap") != (source_uri is not None):
+        raise GpuError("a swap, and only a swap, names a source: the photo of the face to put in")
     request: dict[str, Any] = {"job_id": job_id, "operation": operation, "input": input_uri}
+    if source_uri is not None:
+        split_s3_uri(source_uri, "source")
+        request["source"] = source_uri
     if output_uri is not None:
         split_s3_uri(output_uri, "output")
         request["output"] = output_uri
@@ -120,7 +126,8 @@ def request_location(job_id: str, bucket: str | None = None) -> tuple[str, str]:
 
 def submit(job: str | Mapping[str, Any], input_uri: str, output_uri: str | None = None, *,
            operation: str = "anonymize", options: Mapping[str, Any] | None = None,
-           report_uri: str | None = None, endpoint: str | None = None, request_bucket: str | None = None,
+           report_uri: str | None = None, source_uri: str | None = None, endpoint: str | None = None,
+           request_bucket: str | None = None,
            s3=None, runtime=None, invocation_timeout_s: int = MAX_INVOCATION_TIMEOUT_S,
            request_ttl_s: int | None = None) -> Submission:
     """Queue `job` on the GPU endpoint: write its descriptor to S3, then invoke the endpoint
@@ -132,7 +139,7 @@ def submit(job: str | Mapping[str, Any], input_uri: str, output_uri: str | None 
     endpoint = endpoint or endpoint_name()
     if not endpoint:
         raise GpuError(f"no GPU endpoint configured ({ENDPOINT_ENV} is unset)")
-    request = build_request(job_id, input_uri, output_uri, operation, options, report_uri)
+    request = build_request(job_id, input_uri, output_uri, operation, options, report_uri, source_uri)
     bucket, key = request_location(job_id, request_bucket)
     if s3 is None or runtime is None:
         import boto3

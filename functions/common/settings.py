@@ -7,7 +7,7 @@
 | FACEFLOW_REDIS_URL | redis:// or rediss:// URL of the job store and idempotency records | required |
 | FACEFLOW_JOB_TTL_S | how long job records live | 604800 (7 days) |
 | FACEFLOW_MAX_UPLOAD_BYTES | largest object the stills function will read | 26214400 (25 MiB) |
-| FACEFLOW_MAX_SYNC_BYTES | largest body POST /v1/analyze and /v1/anonymize accept | 5242880 (5 MiB) |
+| FACEFLOW_MAX_SYNC_BYTES | largest body POST /v1/analyze, /v1/anonymize and /v1/swap accept | 5242880 (5 MiB) |
 | FACEFLOW_URL_TTL_S | lifetime of presigned upload/download URLs | 900 |
 | AWS_LAMBDA_FUNCTION_MEMORY_SIZE | Lambda's own (MB): the memory budget images are checked against before decoding (faceflow.images.pixel_budget) | unset: FACEFLOW_MEMORY_MB, else the machine's memory |
 | FACEFLOW_MODEL_DIR | model bundle (baked into the image at /opt/faceflow/models) | see faceflow.bundle |
@@ -28,9 +28,14 @@ from faceflow import media
 
 UPLOAD_PREFIX = "uploads/"   # the input bucket's trigger prefix: faces masked
 ANALYZE_PREFIX = "analyze/"  # the same, for analysis: only the JSON report is written
-ANONYMIZE, ANALYZE = "anonymize", "analyze"   # a job's operation (faceflow.routing.OPERATIONS)
+# Face swap: a job manifest (SWAP_MANIFEST_SUFFIX) under this prefix names a target and a
+# source face uploaded under it too (functions.common.swapjobs); only manifests trigger.
+SWAP_PREFIX = "swap/"
+SWAP_MANIFEST_SUFFIX = ".json"
+SWAP_MANIFEST_NAME = "manifest.json"   # the one an API job's completion writes: swap/{job_id}/manifest.json
+ANONYMIZE, ANALYZE, SWAP = "anonymize", "analyze", "swap"   # a job's operation (faceflow.routing.OPERATIONS)
 # Which operation an upload under each trigger prefix asks for.
-PREFIX_OPERATIONS = {UPLOAD_PREFIX: ANONYMIZE, ANALYZE_PREFIX: ANALYZE}
+PREFIX_OPERATIONS = {UPLOAD_PREFIX: ANONYMIZE, ANALYZE_PREFIX: ANALYZE, SWAP_PREFIX: SWAP}
 RESULT_PREFIX = "results/"   # where results go in the output bucket
 # The suffixes the input bucket's stills trigger fires for (template.yaml's S3 filters, either
 # case) and the Content-Type of each; tests check the template agrees.

@@ -32,15 +32,15 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from faceflow import chunks, routing
+from faceflow import chunks, media, routing
 from faceflow.images import BadInput
 
 from . import gpu
 from .aws import job_for_key, make_tracer, operation_for_key
 from .jobs import DONE, FAILED, RUNNING
-from .layout import audio_key, chunk_key, result_keys, s3_uri, work_keys
+from .layout import audio_key, chunk_key, face_key, result_keys, s3_uri, work_keys
 from .review import edited_report
-from .settings import ANALYZE, ANONYMIZE
+from .settings import ANALYZE, ANONYMIZE, SWAP
 from .videojobs import output_name
 from .videoruntime import runtime
 
@@ -74,7 +74,6 @@ def split_upload(upload: dict) -> dict[str, Any]:
     input_uri = s3_uri(upload["bucket"], upload["key"])
     jobs.put(job_id, RUNNING, input=input_uri, stage="split", operation=operation_for_key(upload["key"]))
     start = time.perf_counter()
-    keys = work_keys(job_id)
     with tempfile.TemporaryDirectory(prefix="faceflow-") as tmp:
         src = Path(tmp) / f"source{Path(name).suffix.lower() or '.mp4'}"
         try:
@@ -89,24 +88,46 @@ def split_upload(upload: dict) -> dict[str, Any]:
             if operation == ANALYZE:
                 return analyze_upload(job_id, name, src, decision, start)
             jobs.put(job_id, RUNNING, route=decision.rule_name, route_target=decision.target)
-            split = chunks.split_video(src, Path(tmp) / "chunks", target_seconds=runtime.video.chunk_seconds)
+            return chunk_video(job_id, name, input_uri, src, Path(tmp), start)
         except BadInput as exc:
-            jobs.put(job_id, FAILED, error=str(exc))
-            metrics.add_metric(name="JobsFailed", unit=MetricUnit.Count, value=1)
-            logger.warning("video refused", extra={"reason": str(exc)})
-            return {"job_id": job_id, "status": FAILED, "error": str(exc)}
-        plan_chunks = []
-        for chunk in split.chunks:
-            path = Path(chunk.path)
-            key = chunk_key(job_id, chunk.index, path.suffix)
-            runtime.upload(path, key)
-            plan_chunks.append({**chunk.to_dict(), "path": None, "key": key})
-        audio = None
-        if split.audio:
-            audio = audio_key(job_id, Path(split.audio).suffix)
-            runtime.upload(Path(split.audio), audio, "application/octet-stream")
+            return refuse(job_id, exc)
+
+
+def refuse(job_id: str, exc: Exception) -> dict[str, Any]:
+    """The job failed for good with the reason (bad input: a retry would not help)."""
+    runtime.jobs.put(job_id, FAILED, error=str(exc))
+    metrics.add_metric(name="JobsFailed", unit=MetricUnit.Count, value=1)
+    logger.warning("video refused", extra={"reason": str(exc)})
+    return {"job_id": job_id, "status": FAILED, "error": str(exc)}
+
+
+def chunk_video(job_id: str, name: str, input_uri: str, src: Path, tmp: Path, start: float,
+                swap: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Cut the downloaded video into chunks, store them, the audio and the plan under
+    work/{job_id}/, and queue one message per chunk. `swap` (a swap job's {"face": the source
+    photo's bytes, "suffix": its extension, "options"}): the photo is stored beside the chunks
+    and the plan names it and the options for the chunk workers. BadInput when the video
+    cannot be split (nothing is written)."""
+    jobs = runtime.jobs
+    keys = work_keys(job_id)
+    split = chunks.split_video(src, tmp / "chunks", target_seconds=runtime.video.chunk_seconds)
+    plan_chunks = []
+    for chunk in split.chunks:
+        path = Path(chunk.path)
+        key = chunk_key(job_id, chunk.index, path.suffix)
+        runtime.upload(path, key)
+        plan_chunks.append({**chunk.to_dict(), "path": None, "key": key})
+    audio = None
+    if split.audio:
+        audio = audio_key(job_id, Path(split.audio).suffix)
+        runtime.upload(Path(split.audio), audio, "application/octet-stream")
     plan = {"job_id": job_id, "name": name, "source": input_uri, "chunks": plan_chunks, "audio": audio,
             "info": split.info}
+    if swap is not None:
+        face = face_key(job_id, swap["suffix"])
+        runtime.s3.put_object(Bucket=runtime.settings.output_bucket, Key=face, Body=swap["face"],
+                              ContentType=media.media_type_for(face))
+        plan.update(operation=SWAP, swap={"source": face, "options": swap["options"]})
     runtime.put_json(keys["plan"], plan)
     total = len(plan_chunks)
     runtime.video_jobs.plan(job_id, total, runtime.output_uri(keys["plan"]))
@@ -200,9 +221,10 @@ def object_tags(bucket: str, key: str) -> dict[str, str]:
     return {str(t.get("Key", "")).strip().lower(): str(t.get("Value", "")) for t in tagset}
 
 
-def job_facts(upload: dict, src: Path, size: int, job: dict | None) -> dict[str, Any]:
+def job_facts(upload: dict, src: Path, size: int, job: dict | None, operation: str | None = None) -> dict[str, Any]:
     """The facts faceflow.routing decides on (routing.video_facts), from a probe of the
-    downloaded video, its size, the object's tags and the job record."""
+    downloaded video, its size, the object's tags and the job record; `operation` is the
+    upload's prefix's unless given (a swap manifest's target)."""
     info = None
     try:
         from faceflow.video import probe
@@ -210,11 +232,11 @@ def job_facts(upload: dict, src: Path, size: int, job: dict | None) -> dict[str,
     except Exception:  # noqa: BLE001 - an unreadable video is refused by the split, as before
         logger.warning("video probe failed; routed without duration or size", exc_info=True)
     return routing.video_facts(size, info, object_tags(upload["bucket"], upload["key"]), job,
-                               operation=operation_for_key(upload["key"]) or "anonymize")
+                               operation=operation or operation_for_key(upload["key"]) or ANONYMIZE)
 
 
-def route_video(upload: dict, src: Path, size: int, job: dict | None) -> routing.Decision:
-    facts = job_facts(upload, src, size, job)
+def route_video(upload: dict, src: Path, size: int, job: dict | None, operation: str | None = None) -> routing.Decision:
+    facts = job_facts(upload, src, size, job, operation)
     try:
         decision = routing.route(facts, gpu_available=gpu.enabled())
     except routing.RoutingError as exc:  # a broken rule table must not send media anywhere new
@@ -229,15 +251,17 @@ def route_video(upload: dict, src: Path, size: int, job: dict | None) -> routing
 
 @tracer.capture_method
 def submit_to_gpu(job_id: str, name: str, input_uri: str, decision: routing.Decision,
-                  operation: str = ANONYMIZE) -> dict[str, Any]:
+                  operation: str = ANONYMIZE, source_uri: str | None = None,
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Queue the whole video on the GPU endpoint. Nothing is split; an analysis writes its
-    report only."""
+    report only; a swap names its source face photo (`source_uri`) and its `options`."""
     video_key, report_key = result_keys(job_id, output_name(name))
     if operation == ANALYZE:
         _, report_key = result_keys(job_id, name)
     sub = gpu.submit(job_id, input_uri, None if operation == ANALYZE else runtime.output_uri(video_key),
-                     operation=operation, report_uri=runtime.output_uri(report_key),
-                     request_bucket=runtime.settings.output_bucket, s3=runtime.s3, runtime=runtime.sagemaker)
+                     operation=operation, report_uri=runtime.output_uri(report_key), source_uri=source_uri,
+                     options=options, request_bucket=runtime.settings.output_bucket, s3=runtime.s3,
+                     runtime=runtime.sagemaker)
     runtime.jobs.put(job_id, RUNNING, stage=GPU_STAGE, route=decision.rule_name, route_target=decision.target,
                      **sub.job_fields())
     metrics.add_metric(name="JobsSubmittedToGpu", unit=MetricUnit.Count, value=1)

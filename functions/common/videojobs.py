@@ -29,6 +29,7 @@ from faceflow.images import BadInput
 from .aws import make_tracer
 from .jobs import DONE, FAILED
 from .layout import out_index, out_keys, result_keys, work_keys
+from .settings import SWAP
 from .videoruntime import runtime
 
 logger = Logger(service="faceflow-video", child=True)
@@ -127,7 +128,7 @@ def _run_chunk(engine, job_id: str, index: int, plan: dict) -> None:
         dst, report = tmp / f"out{ext}", tmp / "report.json"
         chunk = chunks.Chunk.from_dict({**entry, "path": str(src)})
         summary, _ = chunks.process_chunk(engine, chunk, dst, None, warmup=warmup, lookahead=lookahead,
-                                          info=plan["info"], report=report,
+                                          info=plan["info"], report=report, operation=chunk_operation(engine, plan),
                                           names=(runtime.output_uri(entry["key"]), runtime.output_uri(out_key)))
         runtime.upload(dst, out_key)
         runtime.upload(report, report_key, "application/json")  # last: its presence means done
@@ -137,7 +138,28 @@ def _run_chunk(engine, job_id: str, index: int, plan: dict) -> None:
     logger.info("chunk done", extra={"ms": ms, "frames": summary.get("frames")})
 
 
+def chunk_operation(engine, plan: dict):
+    """What a chunk's faces get: the mask (None: process_chunk's default) or, for a swap job,
+    the source face's swap (fresh per chunk: it keeps per-track state)."""
+    if plan.get("operation") != SWAP:
+        return None
+    from .swapjobs import chunk_operation as swap_operation
+    return swap_operation(engine, plan)
+
+
 # --- the merge ----------------------------------------------------------------------------------
+
+def swap_marking(path: Path) -> dict[str, Any]:
+    """The synthetic mark of a merged swap, read back from the file: a swap is never delivered
+    without it (a missing one is a defect: the merge fails and is retried)."""
+    import av
+    from faceflow import synthetic
+    with av.open(str(path)) as container:
+        source_type = container.metadata.get(synthetic.DIGITAL_SOURCE_TYPE_TAG)
+    if not source_type:
+        raise RuntimeError("the merged swap lost its synthetic mark")
+    return {"synthetic": True, "digital_source_type": source_type, "where": "container metadata"}
+
 
 def output_name(name: str) -> str:
     """The result keeps the upload's name where its container holds H.264 as it is."""
@@ -181,6 +203,9 @@ def merge_job(job_id: str, plan: dict, token: str | None) -> dict[str, Any]:
             dst.parent.mkdir()
             summary = chunks.merge_chunks(paths, dst, audio=audio, info=plan.get("info"))
             report = {"job_id": job_id, **chunks.merge_reports(reports), "source": name}
+            if plan.get("operation") == SWAP:
+                report.update(operation=SWAP, options=plan["swap"].get("options") or {},
+                              marking=swap_marking(dst))
             video_key, report_key = result_keys(job_id, name)
             runtime.upload(dst, video_key)
             runtime.put_json(report_key, report)

@@ -9,10 +9,12 @@ SageMaker runs the image as `<entrypoint> serve` and talks HTTP to port 8080:
 * `POST /invocations`: the body is the job descriptor that functions/common/gpu.py wrote to
   S3 and SageMaker read back from the InputLocation:
 
-      {"job_id": "…", "operation": "anonymize" | "analyze",
+      {"job_id": "…", "operation": "anonymize" | "analyze" | "swap",
        "input": "s3://bucket/uploads/…/clip.mp4", "output": "s3://bucket/results/…/clip.mp4",
        "report": "s3://…/clip.mp4.json" (optional: output + ".json"),
-       "options": {"method", "shape", "mask_scale", "cells", "verify", "hold", "keep_audio", "batch"}}
+       "source": "s3://bucket/swap/…/face.jpg" (swap only: the photo of the face to put in),
+       "options": {"method", "shape", "mask_scale", "cells", "verify", "hold", "keep_audio", "batch"}
+                  (swap: {"engine", "face_index", "largest", "tracks", "hold", "keep_audio", "batch"})}
 
   The worker reads the input media from S3 itself, runs the engine (batched detection for
   video: VideoOptions(batch=N)), writes the output and then, last, the JSON report, and
@@ -70,11 +72,12 @@ from faceflow.web.metrics import Metrics
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "faceflow-gpu"))
 
 TENSORRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
-OPERATIONS = ("anonymize", "analyze")
+OPERATIONS = ("anonymize", "analyze", "swap")
 VIDEO_OUTPUTS = {ext: media.VIDEO_MEDIA_TYPES[ext] for ext in media.VIDEO_OUTPUT_EXTENSIONS}
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(?P<key>.+)$")
 MAX_BODY_BYTES = 1024 * 1024  # the descriptor is a few hundred bytes; media never travels in it
+MAX_SOURCE_BYTES = 25 * 1024 * 1024  # a swap's source face photo: the stills function's upload limit
 
 
 # --- execution providers ------------------------------------------------------------------------
@@ -156,6 +159,7 @@ class Job:
     output: tuple[str, str] | None
     report: tuple[str, str]
     options: dict[str, Any] = field(default_factory=dict)
+    source: tuple[str, str] | None = None   # a swap's source face photo
 
     @property
     def input_uri(self) -> str:
@@ -186,7 +190,16 @@ _OPTION_TYPES = {
     "keep_audio": (lambda v: isinstance(v, bool), "true or false"),
     "batch": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 256,
               "an integer from 1 to 256"),
+    # a swap's (faceflow.swap.SwapOptions checks the values)
+    "engine": (lambda v: isinstance(v, str), "a string (landmark, inswapper)"),
+    "face_index": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                   "a non-negative integer"),
+    "largest": (lambda v: isinstance(v, bool), "true or false"),
+    "tracks": (lambda v: isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v),
+               "a list of track ids (integers)"),
 }
+SWAP_OPTIONS = ("engine", "face_index", "largest", "tracks")
+MASK_OPTIONS = ("method", "shape", "mask_scale", "cells", "verify")
 
 
 def _is_number(value: Any) -> bool:
@@ -201,9 +214,10 @@ def parse_job(body: bytes) -> Job:
         raise JobError(400, f"request body is not valid JSON: {getattr(exc, 'msg', exc)}") from None
     if not isinstance(data, dict):
         raise JobError(400, "request body must be a JSON object (the job descriptor)")
-    unknown = sorted(set(data) - {"job_id", "operation", "input", "output", "report", "options"})
+    unknown = sorted(set(data) - {"job_id", "operation", "input", "output", "report", "source", "options"})
     if unknown:
-        raise JobError(400, f"unknown fields {unknown} (known: job_id, operation, input, output, report, options)")
+        raise JobError(400, f"unknown fields {unknown} (known: job_id, operation, input, output, report, source, "
+                            f"options)")
     job_id = data.get("job_id")
     if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
         raise JobError(400, "job_id must be 1-128 letters, digits, '.', '_' or '-'")
@@ -214,17 +228,20 @@ def parse_job(body: bytes) -> Job:
     source = parse_s3_uri(data.get("input"), "input")
     output = parse_s3_uri(data["output"], "output") if data.get("output") is not None else None
     report = parse_s3_uri(data["report"], "report") if data.get("report") is not None else None
-    if operation == "anonymize":
+    face = parse_s3_uri(data["source"], "source") if data.get("source") is not None else None
+    if (operation == "swap") != (face is not None):
+        raise JobError(400, "a swap needs source (the photo of the face to put in); only a swap takes one")
+    if operation in ("anonymize", "swap"):
         if output is None:
-            raise JobError(400, "output is required for anonymize")
+            raise JobError(400, f"output is required for {operation}")
         report = report or (output[0], output[1] + ".json")
     else:
         report = report or output
         output = None
         if report is None:
             raise JobError(400, "analyze needs report (or output): where the JSON report goes")
-    if source in (output, report):
-        raise JobError(400, "output and report must not overwrite the input")
+    if source in (output, report) or face is not None and face in (output, report):
+        raise JobError(400, "output and report must not overwrite the input or the source")
     if output is not None and output == report:
         raise JobError(400, "output and report must be different objects")
     options = data.get("options") or {}
@@ -239,7 +256,23 @@ def parse_job(body: bytes) -> Job:
             raise JobError(400, f"option {name} must be {what}, not {json.dumps(value)[:40]}")
     if operation == "anonymize":
         _mask_options(options)  # refuse bad mask options before any media is read
-    return Job(job_id, operation, source, output, report, options)
+    if operation == "swap":
+        misplaced = sorted(set(options) & set(MASK_OPTIONS))
+        if misplaced:
+            raise JobError(400, f"options {misplaced} are not a swap's (its own: {', '.join(SWAP_OPTIONS)})")
+        _swap_options(options)  # refuse bad swap options before any media is read
+    elif set(options) & set(SWAP_OPTIONS):
+        raise JobError(400, f"options {sorted(set(options) & set(SWAP_OPTIONS))} are a swap's only")
+    return Job(job_id, operation, source, output, report, options, face)
+
+
+def _swap_options(options: dict[str, Any]):
+    """faceflow.swap.SwapOptions from a swap job's options (checked by it)."""
+    from faceflow.swap import SwapOptions
+    try:
+        return SwapOptions(**{k: options[k] for k in SWAP_OPTIONS if k in options})
+    except (TypeError, ValueError) as exc:
+        raise JobError(400, f"bad options: {exc}") from None
 
 
 def _mask_options(options: dict[str, Any]):
@@ -314,10 +347,13 @@ class Worker:
         with self._slots, tempfile.TemporaryDirectory(prefix="faceflow-gpu-", dir=self.config.workdir) as tmp:
             start = time.perf_counter()
             local = self._download(job, Path(tmp))
+            face = self._source_face(job, Path(tmp)) if job.operation == "swap" else None
             kind = self._kind(local)
             if kind == "video" and local.suffix.lower() not in media.VIDEO_EXTENSIONS:
                 local = local.rename(local.with_suffix(".mp4"))  # the engine picks video by suffix
-            if kind == "video":
+            if face is not None:
+                result = self._swap(job, local, kind, face, Path(tmp))
+            elif kind == "video":
                 result = self._video(job, local, Path(tmp))
             else:
                 result = self._image(job, local)
@@ -326,28 +362,44 @@ class Worker:
                                            "faces": result["faces"], "frames": result["frames"], "ms": result["ms"]})
             return result
 
-    def _download(self, job: Job, tmp: Path) -> Path:
-        bucket, key = job.input
+    def _download(self, job: Job, tmp: Path, location: tuple[str, str] | None = None, what: str = "input",
+                  limit: int | None = None) -> Path:
+        """The job's input (or `location`, named `what` in errors) staged in `tmp`."""
+        location = location or job.input
+        bucket, key = location
+        uri = _uri(location)
         try:
             head = self.s3.head_object(Bucket=bucket, Key=key)
         except Exception as exc:  # noqa: BLE001 - mapped to a 4xx where it is the job's fault
-            error = _s3_error(exc, "read", job.input)
+            error = _s3_error(exc, "read", location)
             if isinstance(error, JobError) and error.status == 404 and not self._bucket_exists(bucket):
-                error = JobError(404, f"cannot read {job.input_uri}: bucket {bucket} does not exist", "not_found")
+                error = JobError(404, f"cannot read {uri}: bucket {bucket} does not exist", "not_found")
             raise error from None
         size = head.get("ContentLength", 0)
+        limit = limit or self.config.max_input_bytes
         if size == 0:
-            raise JobError(422, f"input {job.input_uri} is empty", "bad_input")
-        if size > self.config.max_input_bytes:
-            raise JobError(413, f"input {job.input_uri} is {size} bytes, over the "
-                                f"{self.config.max_input_bytes} byte limit", "too_large")
+            raise JobError(422, f"{what} {uri} is empty", "bad_input")
+        if size > limit:
+            raise JobError(413, f"{what} {uri} is {size} bytes, over the {limit} byte limit", "too_large")
         suffix = Path(key).suffix.lower()
-        local = tmp / ("input" + (suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""))
+        local = tmp / (what + (suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""))
         try:
             self.s3.download_file(bucket, key, str(local))
         except Exception as exc:  # noqa: BLE001
-            raise _s3_error(exc, "read", job.input) from None
+            raise _s3_error(exc, "read", location) from None
         return local
+
+    def _source_face(self, job: Job, tmp: Path) -> bytes:
+        """A swap's source: a photo (of at most MAX_SOURCE_BYTES), its bytes."""
+        from faceflow import images
+        local = self._download(job, tmp, job.source, "source", MAX_SOURCE_BYTES)
+        data = local.read_bytes()
+        try:
+            images.sniff(data)
+        except images.BadInput as exc:
+            raise JobError(422, f"source {_uri(job.source)} must be a photo of the face to put in ({exc})",
+                           "bad_input") from None
+        return data
 
     def _bucket_exists(self, bucket: str) -> bool:
         """(A HEAD of a missing object and of an object in a missing bucket both say 404.)"""
@@ -441,6 +493,49 @@ class Worker:
             self._upload(job.output, dst, VIDEO_OUTPUTS[dst.suffix])
         self._put(job.report, json.dumps(report).encode(), "application/json")  # last: the job is complete
         return self._result(job, "video", job.output, summary["faces"], summary["frames"])
+
+    def _swap(self, job: Job, local: Path, kind: str, face: bytes, tmp: Path) -> dict[str, Any]:
+        """A swap (faceflow.swap through the engine): the target's faces get the source's; the
+        output carries the synthetic mark the engine writes. The source is checked (a face in
+        it) before anything is written."""
+        from faceflow import images
+        from faceflow.bundle import ModelError
+        from faceflow.video import VideoOptions
+        options = _swap_options(job.options)
+        try:
+            if kind == "image":
+                data = local.read_bytes()
+                result = self.engine.swap_bytes(data, face, options,
+                                                images.format_for(job.output[1], images.sniff(data)[0]),
+                                                target_name=job.input_uri)
+                self._put(job.output, result.data, media.image_media_type(result.format))
+                report = {"job_id": job.job_id, **result.report, "output": _uri(job.output)}
+                frames, faces = 1, len(report["faces"])
+            else:
+                suffix = Path(job.output[1]).suffix.lower()
+                if suffix not in VIDEO_OUTPUTS:
+                    raise JobError(400, f"output for a video must end in {', '.join(VIDEO_OUTPUTS)}, not "
+                                        f"{suffix or 'no extension'}")
+                batch = job.options.get("batch", self.config.batch)
+                video = VideoOptions(batch=batch, max_missing_s=job.options.get("hold", VideoOptions.max_missing_s),
+                                     keep_audio=job.options.get("keep_audio", True))
+                dst, report_path = tmp / ("output" + suffix), tmp / "report.json"
+                self.engine.swap_file(local, dst, face, options, video_options=video, report=report_path)
+                report = json.loads(report_path.read_text())
+                summary = report["summary"]
+                summary.update(job_id=job.job_id, source=job.input_uri, output=_uri(job.output), batch=batch,
+                               providers=self.providers)
+                report.update(source=job.input_uri, operation=job.operation, options=summary["options"],
+                              marking=summary["marking"])  # where a photo's report has them
+                frames, faces = summary["frames"], summary["faces"]
+                self._upload(job.output, dst, VIDEO_OUTPUTS[dst.suffix])
+        except images.BadInput as exc:
+            raise JobError(422, f"swap onto {job.input_uri}: {exc}", "bad_input") from None
+        except ModelError as exc:  # an engine whose weights the operator did not supply
+            raise JobError(400, str(exc), "unavailable") from None
+        report["face_source"] = _uri(job.source)
+        self._put(job.report, json.dumps(report).encode(), "application/json")  # last: the job is complete
+        return self._result(job, kind, job.output, faces, frames)
 
     def _result(self, job: Job, media: str, output, faces: int, frames: int) -> dict[str, Any]:
         return {"job_id": job.job_id, "status": "done", "operation": job.operation, "media": media,
@@ -620,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     server, worker = make_server(config)
     # Listen at once (SageMaker pings from the start); /ping says 200 once the engine is in.
     threading.Thread(target=worker.load, name="load-engine", daemon=True).start()
+    from .stream_server import start as start_streams
+    streams = start_streams(worker, config.host)  # real-time streams over gRPC, on the same engine
 
     def stop(signum, _frame):
         logger.info("stopping", extra={"signal": signum})
@@ -632,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         server.serve_forever()
     finally:
         server.server_close()
+        if streams is not None:
+            streams.stop(grace=5).wait()
     return 0
 
 

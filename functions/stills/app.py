@@ -25,7 +25,7 @@ from faceflow.analysis import DEFAULT_ATTRIBUTES
 from functions.common.aws import Adapters, job_for_key, make_tracer, object_identity, operation_for_key, result_keys
 from functions.common.jobs import DONE, FAILED, RUNNING
 from functions.common.review import edited_report
-from functions.common.settings import ANALYZE
+from functions.common.settings import ANALYZE, SWAP
 
 logger = Logger(service="faceflow-stills")
 tracer = make_tracer("faceflow-stills")
@@ -116,6 +116,11 @@ def handler(event: S3Event, context: LambdaContext) -> dict:
             continue
         obj = record.s3.get_object
         upload = object_identity(record.s3.bucket.name, obj.key, obj.version_id, obj.etag)
+        if operation_for_key(upload["key"]) == SWAP:
+            # a swap's photos start nothing here: its manifest starts it, in the split function
+            logger.error("a face swap upload; ignored (its manifest starts the swap)")
+            results.append({"status": "ignored"})
+            continue
         try:
             # S3Object.size raises when the event has none: _read then asks S3 (HEAD) instead
             results.append(process_upload(upload=upload, size=obj.get("size")))

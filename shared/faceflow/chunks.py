@@ -48,11 +48,12 @@ from typing import Any, Iterator
 
 import av
 
+from . import synthetic
 from .anonymize import MaskOptions
 from .face import Face, iou
 from .images import BadInput, atomic_write
 from .tracker import Tracker
-from .operations import Mask
+from .operations import Mask, Operation
 from .pipeline import MP4_AUDIO, audio_stream, mux_options, open_input
 from .video import Around, FrameReport, TrackIndex, VideoOptions, probe, process_video, stream_rate
 
@@ -304,9 +305,10 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
                   mask_options: MaskOptions | None = None, video_options: VideoOptions | None = None,
                   report: Path | str | None = None, lookahead=None, frame_offset: int | None = None,
                   info: dict | None = None, verify: bool = False,
-                  warmup_s: float | None = None, names: tuple[str, str] | None = None
-                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Anonymise one chunk; returns (summary, state for the next chunk).
+                  warmup_s: float | None = None, names: tuple[str, str] | None = None,
+                  operation: Operation | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Anonymise one chunk (or apply `operation` to its faces instead of the mask: a face
+    swap's); returns (summary, state for the next chunk).
 
     `src_chunk`: a `Chunk` of the split (its `start_frame` numbers the frames) or a path.
     `state`: what the previous chunk's process_chunk returned (stream mode; None for the
@@ -375,7 +377,8 @@ def process_chunk(engine, src_chunk, dst_chunk, state: dict | None = None, *, wa
                         time_offset=shift, rate=Fraction(enc["rate"]), rotation=enc["rotation"],
                         time_base=Fraction(enc["time_base"]))
         summary, after = process_video(
-            engine, src, dst_chunk, Mask(mask_options or MaskOptions(), engine.detector if verify else None),
+            engine, src, dst_chunk,
+            operation or Mask(mask_options or MaskOptions(), engine.detector if verify else None),
             options, tracker=tracker, frame_offset=first, on_frame=writer, around=around)
         if names:
             summary.update(source=names[0], output=names[1])
@@ -468,7 +471,8 @@ def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None
     after the other. Chunks keep their timestamps when these continue the previous chunk's;
     a chunk whose clock starts again is moved to where the previous one ended. `audio` (the
     split's audio file) is put back as it is; without it, audio inside the chunks is joined
-    the same way. Every chunk is checked first (there, a video, encoded like the first);
+    the same way. A face swap's synthetic mark (the first chunk's container tags) is kept.
+    Every chunk is checked first (there, a video, encoded like the first);
     `dst` appears complete or not at all. With `info` (the split's), the chunks must cover
     the source's timeline without a gap."""
     start = time.perf_counter()
@@ -516,7 +520,11 @@ def merge_chunks(chunk_paths: list, dst: Path | str, *, audio: Path | str | None
     out = first_in = audio_in_c = None
     try:
         first_in = open_input(ref.path)
-        out = av.open(str(tmp), "w", options=mux_options(tmp, ref.time_base))
+        # a face swap's chunks carry the synthetic mark (faceflow.synthetic): so does the whole
+        source_type = first_in.metadata.get(synthetic.DIGITAL_SOURCE_TYPE_TAG)
+        marks = synthetic.video_tags(source_type) if source_type else {}
+        out = av.open(str(tmp), "w", options=mux_options(tmp, ref.time_base, bool(marks)))
+        out.metadata.update(marks)
         vout = out.add_stream_from_template(first_in.streams.video[0])
         aout = a_template = None
         if audio_path is not None:

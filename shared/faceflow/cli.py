@@ -1,4 +1,4 @@
-"""The `faceflow` command: anonymize, analyze, swap, models, serve, monitor."""
+"""The `faceflow` command: anonymize, analyze, swap, models, serve, monitor, stream."""
 from __future__ import annotations
 
 import argparse
@@ -240,6 +240,24 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_stream(args) -> int:
+    import asyncio
+
+    from .streamclient import play, sigv4_headers
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    if args.sigv4:
+        headers.update(sigv4_headers(args.to))
+    try:
+        stats = play(args.input, args.to, output=args.output, fps=args.fps, return_frames=args.return_frames,
+                     limit=args.frames, window=args.window, binary=args.binary, quality=args.quality,
+                     headers=headers)
+    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+        print(f"faceflow: cannot stream to {args.to}: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(stats.to_dict()) if args.json else stats.summary())
+    return 0
+
+
 def cmd_serve(args) -> int:
     try:
         from .web import serve
@@ -362,6 +380,25 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--interval", type=float, default=0.5, help="seconds between CPU and memory samples")
     mo.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take")
     mo.set_defaults(func=cmd_monitor)
+
+    st = sub.add_parser("stream", help="play a video as a live stream to a server; print latency and drops")
+    st.add_argument("input", help="video file, played at its frame rate")
+    st.add_argument("--to", required=True, help="ws://HOST:PORT/v1/stream (faceflow serve), wss://... (the "
+                                                "deployed WebSocket API) or grpc://HOST:PORT (the GPU container)")
+    st.add_argument("-o", "--output", default=None, help="write the anonymised frames that come back as a video")
+    st.add_argument("--fps", type=float, default=None, help="frames per second to send (default: the video's)")
+    st.add_argument("--return-frames", action="store_true", help="ask for the anonymised frames (implied by -o)")
+    st.add_argument("--frames", type=int, default=None, help="play only the first N frames")
+    st.add_argument("--window", type=int, default=4, help="frames in flight at most; later ones are dropped")
+    st.add_argument("--quality", type=int, default=80, help="JPEG quality of the frames sent and returned")
+    st.add_argument("--binary", action="store_true", help="binary WebSocket messages (faceflow serve only)")
+    st.add_argument("--token", default=os.environ.get("FACEFLOW_TOKEN"),
+                    help="a JWT sent as Authorization: Bearer (the deployed API with AuthMode JWT; "
+                         "default $FACEFLOW_TOKEN)")
+    st.add_argument("--sigv4", action="store_true",
+                    help="sign the connect with your AWS credentials (the deployed API with AuthMode IAM)")
+    st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    st.set_defaults(func=cmd_stream)
 
     m = sub.add_parser("models", help="fetch, verify or list the model bundle")
     m.add_argument("action", choices=["fetch", "verify", "list"])

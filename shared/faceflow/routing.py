@@ -33,6 +33,8 @@ Conditions (every condition of a rule must hold; a rule with no condition matche
 | `width`, `height`, `pixels` | frame size (pixels = width x height) | range |
 | `size_bytes` | the input object's size | range |
 
+A `private` job never goes to the GPU endpoint, whatever the rules say: a rule that would send
+it there decides `lambda` instead, and the reason says so.
 A range condition on a fact the job does not know (a video not yet probed) does not match:
 order the rules so that one on a known fact (size_bytes) catches such jobs. A sensitivity
 value that is none of the known ones is treated as `private` (a typo must not send private
@@ -274,7 +276,11 @@ class RoutingTable:
     @staticmethod
     def _decide(target: str, name: str, why: str, facts: JobFacts, gpu_available: bool) -> Decision:
         notes = list(facts.notes)
-        if target == "gpu" and not gpu_available:
+        if target == "gpu" and facts.sensitivity == "private":
+            # not left to the table: a rule added above the private one must not leak private media
+            target = "lambda"
+            notes.append("private media never goes to the GPU endpoint, so it runs on Lambda")
+        elif target == "gpu" and not gpu_available:
             target = "lambda"
             notes.append("no GPU endpoint is configured, so it runs on Lambda")
         return Decision(target, name, "; ".join([why, *notes]))

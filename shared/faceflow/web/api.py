@@ -16,7 +16,12 @@
                                   attributes as JSON (?attributes=, ?format=json|rekognition)
     POST /v1/anonymize            small image in → anonymised image out; with an edited report
                                   (multipart part `report`), exactly its faces, not detected
+    POST /v1/swap                 small target photo and source face photo in (multipart) → the
+                                  target with the source's face, marked as synthetic
     GET  /v1/openapi.json         this API's OpenAPI document
+
+A face swap job ("operation": "swap", a photo or a video) has a second upload, the photo of the
+face to put in (`source_filename`): PUT both, then POST /v1/jobs/{id}/complete to start it.
 
 Every error has one body shape, `{"message": ..., "status": ...}` (the Error schema).
 
@@ -102,6 +107,11 @@ UPLOAD_NAME = (r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,200}\.("
 PHOTO_MEDIA_TYPES = tuple(sorted(set(PHOTO_CONTENT_TYPES.values())))
 VIDEO_MEDIA_TYPES = tuple(sorted(set(VIDEO_CONTENT_TYPES.values())))
 UploadMediaType = Literal[PHOTO_MEDIA_TYPES + VIDEO_MEDIA_TYPES]  # type: ignore[valid-type]
+PhotoMediaType = Literal[PHOTO_MEDIA_TYPES]  # type: ignore[valid-type]
+# A photo's name: a swap's source face.
+PHOTO_NAME = (r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,200}\.("
+              + "|".join(_either_case(s[1:]) for s in sorted(PHOTO_CONTENT_TYPES)) + ")$")
+SWAP_ENGINES = ("landmark", "inswapper")   # faceflow.swap.ENGINES (importing it would load cv2)
 
 
 def upload_suffix(filename: str) -> str:
@@ -123,6 +133,19 @@ class Error(BaseModel):
                                   "(API Gateway's own 401, 403 and 429 answers carry only `message`)")
 
 
+class SwapJobOptions(BaseModel):
+    """Which faces a swap takes and gives (faceflow.swap.SwapOptions)."""
+    model_config = {"extra": "forbid"}
+    engine: Optional[Literal[SWAP_ENGINES]] = Field(  # type: ignore[valid-type]
+        default=None, description="landmark (default, shipped models) or inswapper (the operator's own weights)")
+    face_index: Optional[int] = Field(default=None, ge=0, description="the source photo's face, counted left to "
+                                                                      "right from 0 (default: its largest)")
+    largest: Optional[bool] = Field(default=None, description="only the target's largest face")
+    tracks: Optional[list[Annotated[int, Field(ge=0)]]] = Field(
+        default=None, min_length=1, max_length=1000,
+        description="a video's faces by track id (from an analysis of the whole video); default: every face")
+
+
 class JobRequest(BaseModel):
     filename: str = Field(pattern=UPLOAD_NAME, description=(
         "name of the photo or video, e.g. party.jpg, talk.mp4: letters, digits, '.', '_', '-' and spaces, ending in "
@@ -137,10 +160,17 @@ class JobRequest(BaseModel):
         default=None, description="private: processed only by the Lambda functions, never the GPU endpoint")
     priority: Optional[Literal["low", "normal", "high"]] = Field(
         default=None, description="low-priority long videos may wait for the GPU endpoint")
-    operation: Optional[Literal["anonymize", "analyze"]] = Field(
+    operation: Optional[Literal["anonymize", "analyze", "swap"]] = Field(
         default=None, description="anonymize (default): the masked photo or video and its report; analyze: only the "
                                   "JSON report, each face with its attributes (a video: per frame, and per track a "
-                                  "summary of a sample of its faces)")
+                                  "summary of a sample of its faces); swap: the source face (source_filename) put "
+                                  "onto the photo's or video's faces, marked as synthetic")
+    source_filename: Optional[str] = Field(default=None, pattern=PHOTO_NAME, description=(
+        "a swap's second upload, required for it and only for it: the photo of the face to put in, ending in "
+        + ", ".join(sorted(PHOTO_CONTENT_TYPES))))
+    source_content_type: Optional[PhotoMediaType] = Field(  # type: ignore[valid-type]
+        default=None, description="Content-Type to upload the source with (default: its extension's)")
+    swap_options: Optional[SwapJobOptions] = Field(default=None, description="a swap's options")
     report: Optional[dict[str, Any]] = Field(default=None, description=(
         "an edited report (the README's Review: the report of an earlier job with faces removed, exempted or "
         "added, tracks dropped or exempted, boxes drawn by hand): the job renders exactly its faces instead of "
@@ -190,6 +220,9 @@ class JobCreated(BaseModel):
     job_id: str
     status: str
     upload: Annotated[Union[Upload, MultipartUpload], Field(discriminator="method")]
+    source_upload: Optional[Upload] = Field(default=None, description="a swap's source face photo: PUT it here")
+    complete_url: Optional[str] = Field(default=None, description="a swap: POST here once both uploads are done "
+                                                                  "(and a multipart upload's parts are)")
 
 
 class Progress(BaseModel):
@@ -391,6 +424,41 @@ def read_image(app: ApiGatewayResolver, limit: int, fields: Optional[dict] = Non
     return data
 
 
+SWAP_PARTS = ("target", "source")   # POST /v1/swap's form fields
+
+
+def read_swap_pair(app: ApiGatewayResolver, limit: int) -> tuple[bytes, bytes]:
+    """(target, source) from a multipart/form-data body with the two files, the whole body
+    size-checked before any decoding."""
+    event = app.current_event
+    content_type = event.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+        raise ServiceError(415, "send the target and source photos as multipart/form-data files named "
+                                f"{' and '.join(SWAP_PARTS)}, not {content_type[:100] or 'no Content-Type'}")
+    try:
+        declared = int(event.headers.get("content-length") or 0)
+    except ValueError:
+        declared = 0
+    if declared > limit * 4 // 3 + 4096:
+        raise ServiceError(413, f"request body too large (limit {limit} bytes for both photos)")
+    body = event.body or ""
+    data = base64.b64decode(body) if event.is_base64_encoded else body.encode("latin-1", "replace")
+    if len(data) > limit:
+        raise ServiceError(413, f"request body too large: {len(data)} bytes (limit {limit} for both photos)")
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + data)
+    parts = {p.get_param("name", header="content-disposition"): p for p in message.iter_parts()} \
+        if message.is_multipart() else {}
+    found = []
+    for name in SWAP_PARTS:
+        part = parts.get(name)
+        payload = part.get_payload(decode=True) if part is not None else None
+        if not payload:
+            what = "the photo whose faces are swapped" if name == "target" else "the face to put in"
+            raise BadRequestError(f"the multipart body needs a non-empty file named {name} ({what})")
+        found.append(payload)
+    return found[0], found[1]
+
+
 def form_file(content_type: str, data: bytes, field: str = "file", fields: Optional[dict] = None) -> bytes:
     """The first file of a multipart/form-data body (a part with a filename, or named `field`);
     the parts named in `fields` are not it: their text goes into `fields`."""
@@ -413,7 +481,7 @@ ATTRIBUTE_LIST = r"^[A-Za-z]{1,20}(,[A-Za-z]{1,20}){0,9}$"
 
 
 def add_photo_routes(app: ApiGatewayResolver, photos: PhotoRoutes) -> None:
-    """POST /v1/analyze, POST /v1/anonymize and GET /v1/openapi.json on `app`."""
+    """POST /v1/analyze, POST /v1/anonymize, POST /v1/swap and GET /v1/openapi.json on `app`."""
 
     @app.post("/v1/analyze", operation_id="analyze", responses=answers(
         200, "the faces found, each with its attributes (format=json), or DetectFaces' response (format=rekognition)",
@@ -450,6 +518,23 @@ def add_photo_routes(app: ApiGatewayResolver, photos: PhotoRoutes) -> None:
         faces = result.report.get("masked", len(result.report["faces"]))
         return Response(status_code=200, content_type=CONTENT_TYPES[result.format], body=result.data,
                         headers={"X-Faceflow-Faces": str(faces)})
+
+    # No return annotation: the body is an image (see anonymize).
+    @app.post("/v1/swap", operation_id="swap", responses=answers(
+        200, "the target photo, in the format it came in, with the source's face on its faces, marked as synthetic "
+             "(IPTC DigitalSourceType in its XMP; X-Faceflow-Faces: faces swapped)",
+        {t: {"schema": {"type": "string", "format": "binary"}} for t in CONTENT_TYPES.values()}, 400, 413, 415,
+        headers={"X-Faceflow-Faces": {"description": "faces swapped", "schema": {"type": "integer", "minimum": 0}}}))
+    @photos.decorate
+    def swap(engine: Annotated[Literal[SWAP_ENGINES], Query(  # type: ignore[valid-type]
+                 description="landmark (shipped models) or inswapper (the operator's own weights)")] = "landmark",
+             face_index: Annotated[Optional[int], Query(ge=0, le=1000, description=(
+                 "the source photo's face, counted left to right from 0 (default: its largest)"))] = None,
+             largest: Annotated[bool, Query(description="only the target's largest face")] = False):
+        target, source = read_swap_pair(app, photos.max_sync_bytes)
+        result = swap_image(target, source, photos, engine, face_index, largest)
+        return Response(status_code=200, content_type=CONTENT_TYPES[result.format], body=result.data,
+                        headers={"X-Faceflow-Faces": str(result.report["swapped"])})
 
     @app.get("/v1/openapi.json", operation_id="openapi", responses=answers(
         200, "this API's OpenAPI document", {content_types.APPLICATION_JSON: {"schema": {"type": "object"}}}))
@@ -514,6 +599,26 @@ def anonymize_image(data: bytes, photos: PhotoRoutes, method: str = "blur", shap
     return result
 
 
+def swap_image(target: bytes, source: bytes, photos: PhotoRoutes, engine: str = "landmark",
+               face_index: Optional[int] = None, largest: bool = False):
+    """The engine's Result for a photo swap (the marked image, its format and report): a bad
+    photo or a source without a face is a 400, as is an engine whose weights this deployment
+    lacks; one too large for the memory budget a 413."""
+    from faceflow.bundle import ModelError
+    from faceflow.images import BadInput, TooLarge
+    from faceflow.swap import SwapOptions
+    try:
+        result = photos.engine().swap_bytes(target, source, SwapOptions(engine=engine, face_index=face_index,
+                                                                        largest=largest),
+                                            target_name="request", memory_bytes=photos.memory_bytes)
+    except TooLarge as exc:
+        raise ServiceError(413, str(exc)) from None
+    except (BadInput, ModelError) as exc:
+        raise BadRequestError(str(exc)) from None
+    photos.faces_found(len(result.report["faces"]))
+    return result
+
+
 # -- the OpenAPI document --------------------------------------------------------------------
 
 def openapi_json(app: ApiGatewayResolver, max_sync_bytes: int = MAX_SYNC_BYTES) -> str:
@@ -529,6 +634,11 @@ def openapi_json(app: ApiGatewayResolver, max_sync_bytes: int = MAX_SYNC_BYTES) 
             "required": True, "description": f"one image, at most {max_sync_bytes} bytes",
             "content": {**{t: image for t in IMAGE_BODY_TYPES if t != "multipart/form-data"},
                         "multipart/form-data": form}}
+    pair = {"schema": {"type": "object", "required": list(SWAP_PARTS),
+                       "properties": {name: {"type": "string", "format": "binary"} for name in SWAP_PARTS}}}
+    document["paths"]["/v1/swap"]["post"]["requestBody"] = {
+        "required": True, "description": f"the target photo and the source face photo, at most {max_sync_bytes} "
+                                         "bytes together", "content": {"multipart/form-data": pair}}
     reviewed = {"schema": {**form["schema"], "properties": {**form["schema"]["properties"], "report": {
         "type": "object", "description": (
             "an edited report (the README's Review): its `width`, `height` and `faces` (a face may carry "

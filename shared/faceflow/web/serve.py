@@ -39,6 +39,7 @@ from faceflow.web import api
 from faceflow.web.events import build_event, new_request_id, response_parts
 from faceflow.web.metrics import Metrics
 from faceflow.web.page import add_page_routes
+from faceflow.web.stream_route import add_stream_route
 
 log = logging.getLogger("faceflow.serve")
 
@@ -297,6 +298,10 @@ def add_local_job_routes(app: APIGatewayHttpResolver, jobs: LocalJobs, public_ur
 
     @app.post(**api.CREATE_JOB)
     def create_job(request: api.JobRequest) -> api.JobCreated:
+        if request.operation == "swap" or request.source_filename or request.swap_options:
+            # never run as another operation: a swap job needs the deployed API's second upload
+            raise BadRequestError("face swap jobs run on the deployed API; here, POST /v1/swap swaps a photo "
+                                  "and `faceflow swap` a video")
         suffix = api.upload_suffix(request.filename)
         readable = api.readable_media_types(request.filename)
         if request.content_type is not None and request.content_type not in readable:
@@ -452,6 +457,7 @@ class Server:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_put("/v1/uploads/{job_id}", self._upload)
         app.router.add_get("/v1/files/{job_id}/{name}", self._download)
+        add_stream_route(app, self.jobs.engines)  # GET /v1/stream: live streams (engines on all cores, as jobs)
         for route in ("/v1/jobs/{job_id}/upload", "/v1/jobs/{job_id}/complete", "/v1/jobs/{job_id}/result",
                       "/v1/jobs/{job_id}", "/v1/jobs", "/v1/analyze", "/v1/anonymize", "/v1/openapi.json",
                       "/process", "/analyze", "/", "/static/{name}"):
