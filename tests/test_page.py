@@ -74,7 +74,8 @@ USER = "page-tester"
 def stack(tmp_path_factory, model_dir):
     env = {"FACEFLOW_MODEL_DIR": str(model_dir), "FACEFLOW_CHUNK_SECONDS": "1",
            "FACEFLOW_MAX_SYNC_BYTES": str(MAX_SYNC_BYTES)}
-    with Stack(functions=("api", "stills", "split", "chunk-worker", "failures"), gpu=False, api_auth="jwt",
+    # gpu-result: the GPU endpoint's stand-in (on CPU), where video swaps are routed
+    with Stack(functions=("api", "stills", "split", "chunk-worker", "failures", "gpu-result"), api_auth="jwt",
                function_env=env, workdir=tmp_path_factory.mktemp("page-stack")) as running:
         yield running
 
@@ -359,6 +360,26 @@ def test_a_face_is_swapped_from_a_source_photo(site, browser, shots):
                for f in faces]
     assert faces and max(changed) > 3, changed
     screenshot(browser, shots, f"{site.name}-photo-swapped", DESKTOP)
+
+
+def test_a_video_swap_job(site, browser, tmp_path, astronaut_bgr):
+    """Two uploads (the video, the source face), then the job; `faceflow serve` has no swap jobs
+    and the page shows its answer."""
+    if "source_filename" not in site.document()["components"]["schemas"]["JobRequest"]["properties"]:
+        pytest.skip("this API has no swap jobs yet")
+    clip = tmp_path / "clip.mp4"
+    panning_clip(clip, astronaut_bgr, 256, 12, 12, 3, gop=12)
+    open_page(browser, site.url, site.token)
+    choose(browser, clip, "swap")
+    browser.find_element(By.ID, "source").send_keys(str(data_path(*SOURCE_FACE)))
+    status = run(browser, VIDEO_WAIT_S)
+    if site.name == "serve":
+        assert status.startswith("ERROR") and "swap jobs run on the deployed API" in status, status
+        return
+    assert status.startswith("Done"), status
+    assert browser.find_element(By.ID, "result-caption").text == "Swapped"
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "return document.getElementById('result-video').readyState >= 1"))
 
 
 def test_a_photo_over_the_direct_limit_goes_through_a_job(site, browser, engine):
