@@ -398,6 +398,19 @@ class PhotoRoutes:
     decorate: Callable[[Callable], Callable] = lambda route: route
 
 
+def request_body(event, limit: int, limit_text: str) -> bytes:
+    """The request's bytes; a declared length past what `limit` bytes of content can take (with
+    base64's growth and a multipart envelope) is refused before the body is decoded."""
+    try:
+        declared = int(event.headers.get("content-length") or 0)
+    except ValueError:
+        declared = 0
+    if declared > limit * 4 // 3 + 4096:
+        raise ServiceError(413, f"request body too large ({limit_text})")
+    body = event.body or ""
+    return base64.b64decode(body) if event.is_base64_encoded else body.encode("latin-1", "replace")
+
+
 def read_image(app: ApiGatewayResolver, limit: int, fields: Optional[dict] = None,
                field: str = "file") -> bytes:
     """The image from a raw body or the first file of a multipart/form-data body (a part with a
@@ -407,14 +420,7 @@ def read_image(app: ApiGatewayResolver, limit: int, fields: Optional[dict] = Non
     content_type = event.headers.get("content-type", "")
     if content_type and content_type.split(";")[0].strip().lower() not in IMAGE_BODY_TYPES:
         raise ServiceError(415, f"send the image as {', '.join(IMAGE_BODY_TYPES)}, not {content_type[:100]}")
-    try:
-        declared = int(event.headers.get("content-length") or 0)
-    except ValueError:
-        declared = 0
-    if declared > limit * 4 // 3 + 4096:
-        raise ServiceError(413, f"request body too large (limit {limit} bytes)")
-    body = event.body or ""
-    data = base64.b64decode(body) if event.is_base64_encoded else body.encode("latin-1", "replace")
+    data = request_body(event, limit, f"limit {limit} bytes")
     if content_type.startswith("multipart/form-data"):
         data = form_file(content_type, data, field, fields=fields)
     if len(data) > limit:
@@ -435,14 +441,7 @@ def read_swap_pair(app: ApiGatewayResolver, limit: int) -> tuple[bytes, bytes]:
     if content_type.split(";")[0].strip().lower() != "multipart/form-data":
         raise ServiceError(415, "send the target and source photos as multipart/form-data files named "
                                 f"{' and '.join(SWAP_PARTS)}, not {content_type[:100] or 'no Content-Type'}")
-    try:
-        declared = int(event.headers.get("content-length") or 0)
-    except ValueError:
-        declared = 0
-    if declared > limit * 4 // 3 + 4096:
-        raise ServiceError(413, f"request body too large (limit {limit} bytes for both photos)")
-    body = event.body or ""
-    data = base64.b64decode(body) if event.is_base64_encoded else body.encode("latin-1", "replace")
+    data = request_body(event, limit, f"limit {limit} bytes for both photos")
     if len(data) > limit:
         raise ServiceError(413, f"request body too large: {len(data)} bytes (limit {limit} for both photos)")
     message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + data)
