@@ -204,12 +204,14 @@ class HttpApi:
     """The HTTP API in front of `invoke(event) -> InvokeResult`."""
 
     def __init__(self, invoke: Callable[[dict], InvokeResult], *, routes: Iterable[str] | None = None,
-                 auth: str = "none", max_body_bytes: int = MAX_BODY_BYTES, account_id: str = "123456789012"):
+                 auth: str = "none", max_body_bytes: int = MAX_BODY_BYTES, account_id: str = "123456789012",
+                 public_routes: Iterable[str] = ()):
         if auth not in ("none", "jwt", "iam"):
             raise ValueError("auth must be 'none', 'jwt' or 'iam'")
         self.invoke = invoke
         self.routes = [Route(r) for r in routes] if routes else None
         self.auth = auth
+        self.public_routes = set(public_routes)  # route keys without an authorizer (the page)
         self.max_body_bytes = max_body_bytes
         self.account_id = account_id
         self.requests = 0
@@ -246,12 +248,13 @@ class HttpApi:
                 return 404, json_type, b'{"message":"Not Found"}', request_id
         authorizer = None
         authorization = next((v for k, v in headers if k.lower() == "authorization"), "")
-        if self.auth == "iam":
+        public = route_key in self.public_routes
+        if self.auth == "iam" and not public:
             caller = _iam_caller(authorization, self.account_id)
             if caller is None:
                 return 403, json_type, b'{"message":"Forbidden"}', request_id
             authorizer = {"iam": caller}
-        if self.auth == "jwt":
+        elif self.auth == "jwt" and not public:
             scheme, _, token = authorization.partition(" ")
             claims = _jwt_claims(token.strip()) if scheme.lower() == "bearer" else None
             if claims is None:

@@ -107,8 +107,9 @@ class MotoServer:
         for _attempt in range(3):  # another process may grab the free port before moto binds it
             self.port = free_port()
             env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+            # MOTO_DISABLE_GLOBAL_CORS: only a bucket's own CORS rules let a browser in, as in AWS
             env.update(PYTHONUNBUFFERED="1", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                       AWS_DEFAULT_REGION="us-east-1")
+                       AWS_DEFAULT_REGION="us-east-1", MOTO_DISABLE_GLOBAL_CORS="true")
             self.child = Child("moto", [*argv, "-H", LOOPBACK, "-p", str(self.port)], self.log_path, env=env)
             try:
                 self._wait_ready()

@@ -304,7 +304,7 @@ class Stack:
                 self.websocket_api.invokers.extend(function.invoke for function in self.stream_functions)
             if "api" in self.functions:
                 self.http_api = HttpApi(self.functions["api"].invoke, routes=self.api_routes, auth=self.api_auth,
-                                        account_id=ACCOUNT_ID)
+                                        account_id=ACCOUNT_ID, public_routes=self.template.public_routes)
                 self.http_api.start()
             self._start_deliveries()
             if self.wait_ready:
@@ -402,6 +402,10 @@ class Stack:
                 s3.create_bucket(Bucket=bucket)
             else:
                 s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": self.region})
+        # template.yaml's CORS rules: the page PUTs uploads and reads results from the browser
+        for logical_id, bucket in (("InputBucket", self.input_bucket), ("OutputBucket", self.output_bucket)):
+            if self.template.bucket_cors.get(logical_id):
+                s3.put_bucket_cors(Bucket=bucket, CORSConfiguration={"CORSRules": self.template.bucket_cors[logical_id]})
         self._queue_arns: dict[str, str] = {}
         ordered = sorted(self.template.queues.values(), key=lambda q: q.dead_letter is not None)  # DLQs first
         for queue in ordered:

@@ -85,6 +85,10 @@ class TemplateConfig:
     parameters: dict[str, str] = field(default_factory=dict)            # Parameters' defaults
     # the GPU endpoint's notification topics (SageMaker async OutputConfig): logical ids
     gpu_topics: dict[str, str] = field(default_factory=dict)            # "success"/"error" → topic
+    # the buckets' CORS rules (S3's CORSRules shape, parameters resolved to their defaults)
+    bucket_cors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # "InputBucket" → rules
+    # routes the HTTP API's DefinitionBody leaves without an authorizer (`security: []`)
+    public_routes: list[str] = field(default_factory=list)
 
 
 def _loader():
@@ -141,7 +145,14 @@ def load(path: Path) -> TemplateConfig:
             for outcome, name in (("success", "SuccessTopic"), ("error", "ErrorTopic")):
                 if isinstance(notes.get(name), Ref):
                     config.gpu_topics[outcome] = str(notes[name])
-        elif kind == "AWS::S3::Bucket" and logical_id == "InputBucket":
+        elif kind == "AWS::Serverless::HttpApi":
+            paths = (props.get("DefinitionBody") or {}).get("paths") or {}
+            config.public_routes = [f"{method.upper()} {path}" for path, item in paths.items() if isinstance(item, dict)
+                                    for method, op in item.items() if isinstance(op, dict) and op.get("security") == []]
+        if kind == "AWS::S3::Bucket" and (props.get("CorsConfiguration") or {}).get("CorsRules"):
+            config.bucket_cors[logical_id] = [_cors_rule(rule, config.parameters)
+                                              for rule in props["CorsConfiguration"]["CorsRules"]]
+        if kind == "AWS::S3::Bucket" and logical_id == "InputBucket":
             for item in (props.get("NotificationConfiguration") or {}).get("QueueConfigurations") or []:
                 if isinstance(item.get("Queue"), GetAtt):
                     config.bucket_queues.append((item["Queue"].resource, _rules(item.get("Filter"))))
@@ -198,6 +209,23 @@ def load(path: Path) -> TemplateConfig:
         if default is not None:
             config.settings[name] = str(default)
     return config
+
+
+_CORS_FIELDS = {"Id": "ID", "AllowedMethods": "AllowedMethods", "AllowedOrigins": "AllowedOrigins",
+                "AllowedHeaders": "AllowedHeaders", "ExposedHeaders": "ExposeHeaders", "MaxAge": "MaxAgeSeconds"}
+
+
+def _cors_rule(rule: dict, parameters: dict[str, str]) -> dict[str, Any]:
+    """A template CorsRule (CloudFormation's names) as S3's PutBucketCors takes it; a !Ref to a
+    parameter becomes its default (a CommaDelimitedList's items)."""
+    out: dict[str, Any] = {}
+    for name, value in rule.items():
+        if name not in _CORS_FIELDS:
+            continue
+        if isinstance(value, Ref):
+            value = [v.strip() for v in parameters.get(str(value), "").split(",") if v.strip()]
+        out[_CORS_FIELDS[name]] = value
+    return out
 
 
 def _number(value: Any) -> float | None:

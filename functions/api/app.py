@@ -44,6 +44,7 @@ from faceflow.web.api import (
     UploadStatus,
     job_view,
 )
+from faceflow.web.page import add_page_routes
 from functions.common.aws import Adapters, make_tracer, result_keys
 from functions.common.jobs import DONE, FAILED, QUEUED, new_job_id
 from functions.common.layout import swap_key
@@ -385,6 +386,10 @@ def recorded_links(job: dict, link) -> Optional[ResultLinks]:
         return None
     urls = {} if main is None else {"video_url" if main == "video" else "image_url": link(keys[main])}
     return ResultLinks(**urls, report_url=link(keys["report"]), expires_in=adapters.settings.url_ttl_s)
+
+
+# The page (GET / and its files): the same origin as the routes it calls.
+add_page_routes(app)
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)

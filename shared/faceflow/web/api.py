@@ -508,10 +508,13 @@ def add_photo_routes(app: ApiGatewayResolver, photos: PhotoRoutes) -> None:
         headers={"X-Faceflow-Faces": {"description": "faces masked", "schema": {"type": "integer", "minimum": 0}}}))
     @photos.decorate
     def anonymize(method: Annotated[Literal["blur", "pixelate", "solid"], Query()] = "blur",
-                  shape: Annotated[Literal["ellipse", "box"], Query()] = "ellipse"):
+                  shape: Annotated[Literal["ellipse", "box"], Query()] = "ellipse",
+                  cells: Annotated[Optional[int], Query(description=(
+                      "strength: detail left across a face for blur and pixelate, the same for every face size; "
+                      "2 (the default) is the strongest before solid, up to 32"))] = None):
         form = {"report": None}
         data = read_image(app, photos.max_sync_bytes, form)
-        result = anonymize_image(data, photos, method, shape, form["report"])
+        result = anonymize_image(data, photos, method, shape, form["report"], cells)
         faces = result.report.get("masked", len(result.report["faces"]))
         return Response(status_code=200, content_type=CONTENT_TYPES[result.format], body=result.data,
                         headers={"X-Faceflow-Faces": str(faces)})
@@ -573,18 +576,21 @@ def analyze_image(data: bytes, photos: PhotoRoutes, chosen: tuple = (), format: 
 
 
 def anonymize_image(data: bytes, photos: PhotoRoutes, method: str = "blur", shape: str = "ellipse",
-                    report: Optional[str] = None):
+                    report: Optional[str] = None, cells: Optional[int] = None):
     """The engine's Result for an image (the masked image, its format and report); with an
-    edited `report` (JSON text), exactly its faces, no detection (faceflow.review)."""
+    edited `report` (JSON text), exactly its faces, no detection (faceflow.review). `cells`:
+    the mask's strength (faceflow.anonymize.MaskOptions; its default when None)."""
     from faceflow.anonymize import MaskOptions
     from faceflow.images import BadInput, TooLarge
     try:
+        options = MaskOptions(method=method, shape=shape, **({} if cells is None else {"cells": cells}))
+    except ValueError as exc:  # a strength out of MaskOptions' range
+        raise BadRequestError(str(exc)) from None
+    try:
         if report is not None:
             from faceflow import review
-            return review.render_photo(data, report, MaskOptions(method=method, shape=shape), source="request",
-                                       memory_bytes=photos.memory_bytes)
-        result = photos.engine().anonymize_bytes(data, MaskOptions(method=method, shape=shape), source="request",
-                                                 memory_bytes=photos.memory_bytes)
+            return review.render_photo(data, report, options, source="request", memory_bytes=photos.memory_bytes)
+        result = photos.engine().anonymize_bytes(data, options, source="request", memory_bytes=photos.memory_bytes)
     except TooLarge as exc:
         raise ServiceError(413, str(exc)) from None
     except BadInput as exc:

@@ -15,7 +15,7 @@ PAGE_FILE = r"^[a-z]{1,20}\.(html|js|css)$"
 # Scripts and styles from the page's own origin only; images, video and the JSON report come
 # from presigned storage URLs (another origin) or the browser's own blob: URLs.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data: https: http:; "
-                                           "media-src 'self' blob: https: http:; connect-src 'self' https: http:; "
+                                           "media-src 'self' blob: https: http:; connect-src 'self' blob: https: http:; "
                                            "object-src 'none'; base-uri 'self'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 

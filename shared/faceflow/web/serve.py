@@ -292,14 +292,27 @@ class LocalJobs:
             elif is_video:
                 files["video"] = video_name.format("anonymized")
                 from faceflow.video import VideoOptions
-                # the per-frame report is written as the frames go (as `faceflow anonymize --report`)
-                summary = engine.anonymize_file(src, folder / files["video"], options=None,
-                                                video_options=VideoOptions(), report=report_path, progress=progress)
-                faces, report = int(summary.get("faces") or 0), None
+                if record.get("review") is not None:
+                    # an edited report: exactly its faces (faceflow.review), as the split function renders it
+                    from faceflow import review
+                    summary = review.render_video(engine if review.follows(record["review"]) else None, src,
+                                                  folder / files["video"], record["review"], report_out=report_path,
+                                                  progress=progress)
+                    faces, report = int(summary.get("masked") or 0), None
+                else:
+                    # the per-frame report is written as the frames go (as `faceflow anonymize --report`)
+                    summary = engine.anonymize_file(src, folder / files["video"], options=None,
+                                                    video_options=VideoOptions(), report=report_path,
+                                                    progress=progress)
+                    faces, report = int(summary.get("faces") or 0), None
             else:
                 files["image"] = f"{stem}-anonymized{suffix}"
-                report = engine.anonymize_file(src, folder / files["image"])
-                faces = len(report.get("faces", []))
+                if record.get("review") is not None:  # an edited report: exactly its faces
+                    from faceflow import review
+                    report = review.render_photo_file(src, folder / files["image"], record["review"])
+                else:
+                    report = engine.anonymize_file(src, folder / files["image"])
+                faces = report.get("masked", len(report.get("faces", [])))
         except BadInput as exc:
             what = "the swap cannot be done" if record["operation"] == SWAP else "the input cannot be processed"
             self._fail(job_id, f"{what}: {exc}")
@@ -381,9 +394,14 @@ def add_local_job_routes(app: APIGatewayHttpResolver, jobs: LocalJobs, public_ur
         if request.size is not None and request.size > limit:
             raise ServiceError(413, f"{request.size} bytes is over the limit of {limit}")
         content_type = request.content_type or api.UPLOAD_CONTENT_TYPES[suffix]
+        operation = request.operation or "anonymize"
+        if request.report is not None and operation != "anonymize":  # as the deployed API answers
+            raise BadRequestError("report: an edited report is rendered by an anonymize job, not an analysis or a swap")
+        if request.report is not None and len(json.dumps(request.report)) > api.MAX_REPORT_BYTES:
+            raise ServiceError(413, f"report: over the limit of {api.MAX_REPORT_BYTES} bytes of JSON")
         swap = swap_fields(request, suffix in api.VIDEO_CONTENT_TYPES, jobs.engines.options.get("model_dir"))
-        record = jobs.create(request.filename, content_type, request.operation or "anonymize",
-                             sensitivity=request.sensitivity, priority=request.priority, **swap)
+        record = jobs.create(request.filename, content_type, operation, sensitivity=request.sensitivity,
+                             priority=request.priority, review=request.report, **swap)
         base = base_url(app, public_url)
         upload = api.Upload(url=f"{base}/v1/uploads/{record['id']}",
                             headers={"Content-Type": content_type}, expires_in=jobs.limits.url_ttl_s)
@@ -440,8 +458,6 @@ def swap_fields(request: api.JobRequest, is_video: bool, model_dir) -> dict:
         return {}
     if request.source_filename is None:
         raise BadRequestError("a swap needs source_filename: the photo of the face to put in, a second upload")
-    if request.report is not None:
-        raise BadRequestError("report: an edited report is rendered by an anonymize job, not an analysis or a swap")
     options = request.swap_options.model_dump(exclude_none=True) if request.swap_options else {}
     if options.get("tracks") and not is_video:
         raise BadRequestError("swap_options.tracks picks faces of a video (track ids from its analysis report)")
