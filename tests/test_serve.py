@@ -4,6 +4,7 @@ compatibility routes of the two services faceflow follows, and bounded requests.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import subprocess
@@ -298,3 +299,177 @@ def test_one_upload_at_a_time_and_a_broken_one_leaves_nothing(serve, photo):
     status, _, body = serve.request("PUT", url, photo, headers)
     assert status == 200, body
     assert serve.wait_for_job(created["job_id"], 120)["status"] == "done"
+
+
+# -- swap jobs: two uploads, then complete, as on the deployed API ------------------------------
+
+@pytest.fixture(scope="module")
+def swap_photos(astronaut_bgr) -> dict[str, bytes]:
+    """A public-domain face (skimage's astronaut) as the target, mirrored as the source, and a
+    photo without a face."""
+    encode = lambda bgr: cv2.imencode(".jpg", bgr)[1].tobytes()  # noqa: E731
+    return {"target": encode(astronaut_bgr), "face": encode(cv2.flip(astronaut_bgr, 1)),
+            "no-face": encode(np.full((240, 320, 3), 128, np.uint8))}
+
+
+def create_swap(serve, filename: str, source_filename: str = "me.jpg", **fields) -> dict:
+    status, created = serve.json("POST", "/v1/jobs", {"filename": filename, "operation": "swap",
+                                                      "source_filename": source_filename, **fields})
+    assert status == 201, created
+    job_id = created["job_id"]
+    assert created["complete_url"] == f"/v1/jobs/{job_id}/complete"
+    for upload in (created["upload"], created["source_upload"]):  # serve itself takes both
+        assert upload["method"] == "PUT" and upload["url"].startswith(serve.url + "/")
+    assert created["source_upload"]["url"] != created["upload"]["url"]
+    assert created["source_upload"]["headers"] == {"Content-Type": "image/jpeg"}
+    return created
+
+
+def put(serve, upload: dict, data: bytes) -> None:
+    status, _, body = serve.request("PUT", upload["url"], data, upload["headers"])
+    assert status == 200, body
+
+
+def job_folder(serve, job_id: str) -> Path:
+    return serve.folder / "work" / "jobs" / job_id
+
+
+def test_a_photo_swap_job_waits_for_both_uploads_and_gives_the_marked_photo(serve, swap_photos):
+    from PIL import Image
+
+    from faceflow import synthetic
+    created = create_swap(serve, "group.jpg", swap_options={"engine": "landmark", "largest": True})
+    job_id = created["job_id"]
+    # nothing starts before the completion, nor before both uploads are in (409 names the missing one)
+    error = assert_error(*serve.request("POST", created["complete_url"])[::2], 409)
+    assert "the target and the source face photo" in error["message"]
+    put(serve, created["upload"], swap_photos["target"])
+    error = assert_error(*serve.request("POST", created["complete_url"])[::2], 409)
+    assert "the source face photo" in error["message"] and "the target" not in error["message"]
+    status, job = serve.json("GET", f"/v1/jobs/{job_id}")
+    assert status == 200 and job["status"] == "queued" and job["stage"] == "awaiting upload", job
+    put(serve, created["source_upload"], swap_photos["face"])
+    assert serve.json("GET", f"/v1/jobs/{job_id}")[1]["stage"] == "uploaded"
+    status, job = serve.json("POST", created["complete_url"])
+    assert status == 202 and job["id"] == job_id and job["operation"] == "swap", job
+    # a repeated completion (its answer lost) changes nothing; the uploads cannot be sent again
+    assert serve.json("POST", created["complete_url"])[0] == 202
+    assert_error(*serve.request("PUT", created["source_upload"]["url"], swap_photos["face"],
+                                created["source_upload"]["headers"])[::2], 409)
+    job = serve.wait_for_job(job_id, 120)
+    assert job["status"] == "done" and job["faces"] == 1 and job["route"] == "local", job
+    status, links = serve.json("GET", f"/v1/jobs/{job_id}/result")
+    assert status == 200 and links["video_url"] is None, links
+    status, headers, image = serve.request("GET", links["image_url"])
+    assert status == 200 and headers["content-type"] == "image/jpeg"
+    report = json.loads(serve.request("GET", links["report_url"])[2])
+    assert report["operation"] == "swap" and report["engine"] == "landmark" and report["swapped"] == 1
+    assert report["options"]["largest"] is True
+    assert report["marking"] == {"synthetic": True, "digital_source_type": synthetic.COMPOSITE_SYNTHETIC,
+                                 "where": "xmp"}
+    assert report["source"] == "group.jpg" and report["face_source"] == "me.jpg"
+    with Image.open(io.BytesIO(image)) as picture:
+        assert synthetic.COMPOSITE_SYNTHETIC in str(picture.info.get("xmp", b""))
+        assert picture.size == (512, 512)
+    # the face was put in: the result differs from the target where the face is
+    target = cv2.imdecode(np.frombuffer(swap_photos["target"], np.uint8), cv2.IMREAD_COLOR)
+    swapped = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
+    x, y, w, h = (int(round(v)) for v in report["faces"][0]["box"])
+    assert np.abs(swapped[y:y + h, x:x + w].astype(int) - target[y:y + h, x:x + w]).mean() > 5
+    # the inputs are gone; the result and its report stay
+    assert sorted(p.name for p in job_folder(serve, job_id).iterdir()) == ["group-report.json", "group-swapped.jpg"]
+
+
+def test_a_video_swap_job_reports_progress_and_gives_the_marked_video(serve, swap_photos, astronaut_bgr,
+                                                                      tmp_path):
+    av = pytest.importorskip("av")
+    from faceflow import synthetic
+    from stack_client import panning_clip
+    frames = 24
+    clip = panning_clip(tmp_path / "clip.mp4", astronaut_bgr, 256, 12, frames, 3, gop=12)
+    created = create_swap(serve, "greeting.mp4", "selfie.jpg")
+    put(serve, created["source_upload"], swap_photos["face"])  # in either order
+    put(serve, created["upload"], clip)
+    status, job = serve.json("POST", created["complete_url"])
+    assert status == 202, job
+    job = serve.wait_for_job(created["job_id"], 300)
+    assert job["status"] == "done", job
+    assert job["progress"]["frames_done"] == job["progress"]["frames_total"] == frames
+    status, links = serve.json("GET", f"/v1/jobs/{created['job_id']}/result")
+    assert status == 200 and links["image_url"] is None and links["video_url"].endswith("/greeting-swapped.mp4")
+    status, headers, video = serve.request("GET", links["video_url"])
+    assert status == 200 and headers["content-type"] == "video/mp4"
+    path = tmp_path / "out.mp4"
+    path.write_bytes(video)
+    with av.open(str(path)) as container:
+        assert container.metadata.get(synthetic.DIGITAL_SOURCE_TYPE_TAG) == synthetic.COMPOSITE_SYNTHETIC
+        assert sum(1 for _ in container.decode(video=0)) == frames
+    report = json.loads(serve.request("GET", links["report_url"])[2])
+    assert report["operation"] == "swap" and report["face_source"] == "selfie.jpg"
+    assert report["marking"]["digital_source_type"] == synthetic.COMPOSITE_SYNTHETIC
+    assert report["summary"]["source"] == "greeting.mp4" and report["summary"]["output"] == "greeting-swapped.mp4"
+    swapped = [f["swap"]["swapped"] for frame in report["frames"] for f in frame["faces"]]
+    assert len(report["frames"]) == frames and sum(swapped) >= frames - 2, swapped
+
+
+def test_a_swap_whose_source_shows_no_face_fails_with_the_reason_and_writes_nothing(serve, swap_photos):
+    created = create_swap(serve, "group.jpg", "wall.jpg")
+    put(serve, created["upload"], swap_photos["target"])
+    put(serve, created["source_upload"], swap_photos["no-face"])
+    assert serve.json("POST", created["complete_url"])[0] == 202
+    job = serve.wait_for_job(created["job_id"], 120)
+    assert job["status"] == "failed" and "no face found in the source photo" in job["error"], job
+    error = assert_error(*serve.request("GET", f"/v1/jobs/{created['job_id']}/result")[::2], 410)
+    assert "no face found in the source photo" in error["message"]
+    assert list(job_folder(serve, created["job_id"]).iterdir()) == []  # no result, no report, no inputs
+
+
+def test_a_swap_source_that_is_not_what_the_job_said_is_refused(serve, swap_photos, photo):
+    created = create_swap(serve, "group.jpg")
+    source = created["source_upload"]
+    assert_error(*serve.request("PUT", source["url"], swap_photos["face"], {"Content-Type": "image/png"})[::2], 400)
+    assert_error(*serve.request("PUT", source["url"], b"", source["headers"])[::2], 400)
+    # another operation's job has no second upload
+    status, other = serve.json("POST", "/v1/jobs", {"filename": "party.jpg"})
+    assert status == 201 and other.get("source_upload") is None and other.get("complete_url") is None
+    assert_error(*serve.request("PUT", other["upload"]["url"] + "/source", photo, source["headers"])[::2], 404)
+    # a source that is not a photo at all: the job fails with the reason
+    put(serve, created["upload"], swap_photos["target"])
+    put(serve, source, b"\xff\xd8 not really a JPEG")
+    assert serve.json("POST", created["complete_url"])[0] == 202
+    job = serve.wait_for_job(created["job_id"], 60)
+    assert job["status"] == "failed" and job["error"].startswith("the swap cannot be done:"), job
+    assert list(job_folder(serve, created["job_id"]).iterdir()) == []
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"operation": "swap"}, "a swap needs source_filename"),
+    ({"source_filename": "me.jpg"}, "are a swap's"),
+    ({"operation": "analyze", "swap_options": {"largest": True}}, "are a swap's"),
+    ({"operation": "swap", "source_filename": "me.mp4"}, "source_filename"),
+    ({"operation": "swap", "source_filename": "me.jpg", "swap_options": {"tracks": [1]}}, "picks faces of a video"),
+    ({"operation": "swap", "source_filename": "me.jpg", "swap_options": {"colour": "blue"}}, "colour"),
+    ({"operation": "swap", "source_filename": "me.jpg", "swap_options": {"face_index": -1}}, "face_index"),
+    ({"operation": "swap", "source_filename": "me.jpg", "swap_options": {"engine": "magic"}}, "engine"),
+])
+def test_swap_job_requests_are_checked(serve, fields, message):
+    status, _, body = serve.request("POST", "/v1/jobs", json.dumps({"filename": "group.jpg", **fields}).encode(),
+                                    {"Content-Type": "application/json"})
+    assert message in assert_error(status, body, 400)["message"]
+
+
+def test_a_video_swap_may_pick_tracks_but_not_also_the_largest(serve):
+    fields = {"filename": "talk.mp4", "operation": "swap", "source_filename": "me.jpg"}
+    assert serve.json("POST", "/v1/jobs", {**fields, "swap_options": {"tracks": [1, 2]}})[0] == 201
+    status, error = serve.json("POST", "/v1/jobs", {**fields, "swap_options": {"tracks": [1], "largest": True}})
+    assert status == 400 and "not both" in error["message"], error
+
+
+def test_an_inswapper_swap_without_its_weights_is_refused_at_creation(serve, model_dir):
+    from faceflow.inswapper import RECOGNITION_FILE, SWAPPER_FILE
+    if (model_dir / SWAPPER_FILE).is_file() and (model_dir / RECOGNITION_FILE).is_file():
+        pytest.skip("this model folder has the operator's INSwapper weights: the engine is available")
+    status, error = serve.json("POST", "/v1/jobs", {"filename": "group.jpg", "operation": "swap",
+                                                    "source_filename": "me.jpg",
+                                                    "swap_options": {"engine": "inswapper"}})
+    assert status == 400 and SWAPPER_FILE in error["message"] and "licence" in error["message"], error

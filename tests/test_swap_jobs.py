@@ -511,9 +511,10 @@ def test_swap_job_requests_are_checked(stack, fields, message):
 
 # --- faceflow serve: the same photo route; no swap job run as something else --------------------
 
-def test_faceflow_serve_swaps_a_photo_and_refuses_swap_jobs(tmp_path, model_dir, photos):
-    """`faceflow serve` shares POST /v1/swap; its local jobs have no second upload, so a swap job
-    is refused rather than run as an anonymisation."""
+def test_faceflow_serve_swaps_a_photo_and_never_runs_swap_fields_as_another_operation(tmp_path, model_dir,
+                                                                                        photos):
+    """`faceflow serve` shares POST /v1/swap; its swap jobs (tests/test_serve.py) are only
+    those with "operation": "swap": a source without it is refused, not run as an anonymisation."""
     pytest.importorskip("aiohttp", reason="the serve extra is not installed: pip install -e '.[serve]'")
     from faceflow import synthetic
     from serve_process import ServeProcess
@@ -522,11 +523,11 @@ def test_faceflow_serve_swaps_a_photo_and_refuses_swap_jobs(tmp_path, model_dir,
         status, answer_headers, image = server.request("POST", "/v1/swap", body, headers)
         assert status == 200 and answer_headers["x-faceflow-faces"] == "1", image[:300]
         assert synthetic.COMPOSITE_SYNTHETIC.encode() in image
-        for fields in ({"operation": "swap", "source_filename": "me.jpg"}, {"source_filename": "me.jpg"}):
+        for fields in ({"source_filename": "me.jpg"}, {"swap_options": {"largest": True}}):
             status, _, answer = server.request("POST", "/v1/jobs", json.dumps({"filename": "group.jpg", **fields}),
                                                {"Content-Type": "application/json"})
             error = json.loads(answer)
-            assert status == 400 and "face swap jobs run on the deployed API" in error["message"], error
+            assert status == 400 and "are a swap's" in error["message"], error
 
 
 def test_a_swap_upload_that_is_not_a_manifest_starts_nothing(stack, photos, clip):

@@ -5,8 +5,10 @@ job routes, the OpenAPI document, the page) becomes the same payload 2.0 event A
 send (faceflow.web.events) and goes to a Powertools resolver built from faceflow.web.api, in a
 bounded pool of threads (one resolver and one engine per thread: a resolver holds the current
 event, so it serves one request at a time). What S3 does for the deployed API, serve does
-itself: a job's upload URL is a PUT to /v1/uploads/<job>, its results are downloads from
-/v1/files/<job>/<name>, and a local worker runs the job. Outside the document: the
+itself: a job's upload URL is a PUT to /v1/uploads/<job> (a swap job's source face photo, its
+second upload, a PUT to /v1/uploads/<job>/source; POST /v1/jobs/<job>/complete starts it once
+both are in), its results are downloads from /v1/files/<job>/<name>, and a local worker runs
+the job. Outside the document: the
 compatibility routes POST /process and POST /analyze, and Prometheus' /metrics.
 
 Requests are bounded with the API's limits and Error shape: a body over API Gateway's 10 MB is
@@ -45,8 +47,12 @@ log = logging.getLogger("faceflow.serve")
 
 MIB = 1024 * 1024
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"  # the deployed jobs' statuses
-AWAITING_UPLOAD = "awaiting upload"  # a job's stage until its input has arrived
+AWAITING_UPLOAD = "awaiting upload"  # a job's stage (and each upload's state) until its input has arrived
 UPLOADING = "uploading"
+RECEIVED = "received"    # an upload that is whole
+UPLOADED = "uploaded"    # a swap job's stage once both uploads are in, until POST .../complete
+TARGET, SOURCE = "input", "source"  # a job's uploads: the photo or video, and a swap's source face photo
+SWAP = "swap"
 UPLOAD_CHUNK = 1 * MIB
 
 
@@ -125,11 +131,15 @@ class LocalJobs:
 
     # records
     def create(self, filename: str, content_type: str, operation: str, **fields) -> dict:
+        """A job waiting for its upload (a swap job: for its two, `source_filename` and
+        `source_content_type` among `fields`)."""
         job_id = uuid.uuid4().hex
         now = time.time()
+        uploads = (TARGET, SOURCE) if operation == SWAP else (TARGET,)
         record = dict(id=job_id, status=QUEUED, stage=AWAITING_UPLOAD, created=now, updated=now, route="local",
                       operation=operation, filename=filename, content_type=content_type,
-                      media=media.kind_of(filename), expires=now + self.limits.url_ttl_s, **fields)
+                      media=media.kind_of(filename), expires=now + self.limits.url_ttl_s,
+                      uploads={what: AWAITING_UPLOAD for what in uploads}, **fields)
         with self._lock:
             self._records[job_id] = record
             self._forget_old()
@@ -151,8 +161,16 @@ class LocalJobs:
             del self._records[job_id]
             shutil.rmtree(self.root / job_id, ignore_errors=True)
 
-    def input_path(self, record: dict) -> Path:
-        return self.root / record["id"] / f"input{api.upload_suffix(record['filename'])}"
+    def input_path(self, record: dict, what: str = TARGET) -> Path:
+        """Where the job's upload `what` (TARGET or SOURCE) is kept."""
+        name = record["filename"] if what == TARGET else record["source_filename"]
+        return self.root / record["id"] / f"{what}{api.upload_suffix(name)}"
+
+    def upload_media(self, record: dict, what: str) -> tuple[str, int]:
+        """The Content-Type and the byte limit of the job's upload `what`."""
+        if what == SOURCE:
+            return record["source_content_type"], self.limits.max_photo_bytes
+        return record["content_type"], self.limit_for(record)
 
     def file(self, job_id: str, name: str) -> Optional[Path]:
         """A finished job's output file by its name (None for anything else)."""
@@ -161,32 +179,65 @@ class LocalJobs:
             return None
         return self.root / job_id / name
 
-    def claim_upload(self, job_id: str) -> bool:
-        """Take the job's upload (one PUT at a time); False when its input is there or coming."""
+    @staticmethod
+    def _upload_stage(uploads: dict) -> str:
+        states = set(uploads.values())
+        return UPLOADING if UPLOADING in states else UPLOADED if states == {RECEIVED} else AWAITING_UPLOAD
+
+    def claim_upload(self, job_id: str, what: str = TARGET) -> bool:
+        """Take the job's upload `what` (one PUT at a time); False when it is there or coming."""
         with self._lock:
             record = self._records.get(job_id)
-            if record is None or record["stage"] != AWAITING_UPLOAD:
+            if record is None or record["uploads"].get(what) != AWAITING_UPLOAD \
+                    or record["stage"] not in (AWAITING_UPLOAD, UPLOADING):
                 return False
+            record["uploads"][what] = UPLOADING
             record["stage"] = UPLOADING
             return True
 
-    def release_upload(self, job_id: str) -> None:
-        """An upload that did not complete: the job waits for its input again."""
+    def release_upload(self, job_id: str, what: str = TARGET) -> None:
+        """An upload that did not complete: the job waits for that input again."""
         with self._lock:
             record = self._records.get(job_id)
-            if record is not None and record["stage"] in (UPLOADING, AWAITING_UPLOAD):
-                record["stage"] = AWAITING_UPLOAD
+            if record is not None and record["stage"] in (UPLOADING, AWAITING_UPLOAD, UPLOADED):
+                record["uploads"][what] = AWAITING_UPLOAD
+                record["stage"] = self._upload_stage(record["uploads"])
+
+    def received(self, job_id: str, what: str) -> None:
+        """A swap job's upload `what` is whole (the job starts at POST .../complete)."""
+        with self._lock:
+            record = self._records[job_id]
+            record["uploads"][what] = RECEIVED
+            record["stage"] = self._upload_stage(record["uploads"])
+            record["updated"] = time.time()
+
+    def complete(self, job_id: str) -> list[str]:
+        """Start a swap job whose two uploads are in: the uploads still missing (nothing is
+        started then), else [] (started now, or before: a repeated call changes nothing).
+        QueueFull when too many jobs wait (the call may be repeated)."""
+        with self._lock:
+            record = self._records[job_id]
+            if record["stage"] not in (AWAITING_UPLOAD, UPLOADING, UPLOADED):
+                return []
+            missing = [what for what, state in record["uploads"].items() if state != RECEIVED]
+            if missing:
+                return missing
+            record["stage"] = "waiting"  # before the worker can take it, and before a second call
+        if not self.start(job_id, stage_if_full=UPLOADED):
+            raise queue.Full
+        return []
 
     def limit_for(self, record: dict) -> int:
         return self.limits.max_video_bytes if record["media"] == "video" else self.limits.max_photo_bytes
 
-    def start(self, job_id: str) -> bool:
-        """Queue an uploaded job; False when the queue is full (the upload may be sent again)."""
+    def start(self, job_id: str, stage_if_full: str = UPLOADING) -> bool:
+        """Queue an uploaded job; False when the queue is full (the upload, or the completion,
+        may be sent again: the job's stage goes back to `stage_if_full`)."""
         self.update(job_id, stage="waiting")  # before the worker can take it
         try:
             self._queue.put_nowait(job_id)
         except queue.Full:
-            self.update(job_id, stage=UPLOADING)
+            self.update(job_id, stage=stage_if_full)
             return False
         self.metrics.queue.labels(queue="jobs").set(self._queue.qsize())
         return True
@@ -209,6 +260,7 @@ class LocalJobs:
         self.metrics.jobs.labels(status=FAILED).inc()
 
     def _process(self, job_id: str) -> None:
+        from faceflow.bundle import ModelError
         from faceflow.images import BadInput, atomic_write
         record = self.get(job_id)
         if record is None:
@@ -222,20 +274,23 @@ class LocalJobs:
         engine = self.engines()
         files: dict[str, str] = {"report": f"{stem}-report.json"}
         report_path = folder / files["report"]
+        suffix = api.upload_suffix(record["filename"])
+        frames_seen = [0]
+
+        def progress(done: int, total: Optional[int] = None) -> None:
+            self.metrics.frames.inc(max(0, done - frames_seen[0]))
+            frames_seen[0] = done
+            self.update(job_id, progress={"chunks_done": 0, "chunks_total": 1, "frames_done": done,
+                                          "frames_total": total})
+        video_name = f"{stem}-{{}}{suffix if suffix in media.VIDEO_OUTPUT_EXTENSIONS else '.mp4'}"
         try:
             if record["operation"] == "analyze":
                 report = engine.analyze_file(src, attributes=self.engines.analysis_attributes or None)
                 faces = len(report.get("faces", []))
+            elif record["operation"] == SWAP:
+                report, faces = self._swap(engine, record, src, files, report_path, video_name, progress)
             elif is_video:
-                suffix = api.upload_suffix(record["filename"])
-                files["video"] = f"{stem}-anonymized{suffix if suffix in media.VIDEO_OUTPUT_EXTENSIONS else '.mp4'}"
-                frames_seen = [0]
-
-                def progress(done: int, total: Optional[int] = None) -> None:
-                    self.metrics.frames.inc(max(0, done - frames_seen[0]))
-                    frames_seen[0] = done
-                    self.update(job_id, progress={"chunks_done": 0, "chunks_total": 1, "frames_done": done,
-                                                  "frames_total": total})
+                files["video"] = video_name.format("anonymized")
                 from faceflow.video import VideoOptions
                 if record.get("review") is not None:
                     # an edited report: exactly its faces (faceflow.review), as the split function renders it
@@ -251,7 +306,7 @@ class LocalJobs:
                                                     progress=progress)
                     faces, report = int(summary.get("faces") or 0), None
             else:
-                files["image"] = f"{stem}-anonymized{api.upload_suffix(record['filename'])}"
+                files["image"] = f"{stem}-anonymized{suffix}"
                 if record.get("review") is not None:  # an edited report: exactly its faces
                     from faceflow import review
                     report = review.render_photo_file(src, folder / files["image"], record["review"])
@@ -259,13 +314,19 @@ class LocalJobs:
                     report = engine.anonymize_file(src, folder / files["image"])
                 faces = report.get("masked", len(report.get("faces", [])))
         except BadInput as exc:
-            self._fail(job_id, f"the input cannot be processed: {exc}")
+            what = "the swap cannot be done" if record["operation"] == SWAP else "the input cannot be processed"
+            self._fail(job_id, f"{what}: {exc}")
             return
+        except ModelError as exc:  # an engine whose weights the operator did not supply
+            self._fail(job_id, f"the {record['operation']} cannot run here: {exc}")
+            return
+        finally:
+            for what in record["uploads"]:  # the job never runs again
+                self.input_path(record, what).unlink(missing_ok=True)
         if report is not None:
             report.pop("output", None)
             report["source"] = record["filename"]
             atomic_write(report_path, json.dumps(report, indent=1).encode())
-        src.unlink(missing_ok=True)
         self.metrics.faces.inc(faces)
         self.metrics.jobs.labels(status=DONE).inc()
         progress = {"chunks_done": 1, "chunks_total": 1}
@@ -274,6 +335,32 @@ class LocalJobs:
                     outputs={kind: f"/v1/files/{job_id}/{name}" for kind, name in files.items()},
                     progress={**progress, **{k: v for k, v in (self.get(job_id).get("progress") or {}).items()
                                              if k.startswith("frames")}})
+
+    def _swap(self, engine, record: dict, src: Path, files: dict, report_path: Path, video_name: str,
+              progress) -> tuple[dict, int]:
+        """A swap job's run (Engine.swap_file: the source face checked before anything is
+        written, the output marked as synthetic): its report and the faces swapped onto."""
+        from faceflow.swap import SwapOptions
+        options = SwapOptions(**(record.get("options") or {}))
+        face = self.input_path(record, SOURCE)
+        if record["media"] == "video":
+            from faceflow.video import VideoOptions
+            files["video"] = video_name.format("swapped")
+            summary = engine.swap_file(src, src.parent / files["video"], face, options,
+                                       video_options=VideoOptions(), report=report_path, progress=progress)
+            # the per-frame report, with the swap's facts on top as the deployed jobs give them
+            # (and names, not this machine's paths)
+            report = json.loads(report_path.read_text())
+            report.update(operation=SWAP, options=summary["options"], marking=summary["marking"])
+            if isinstance(report.get("summary"), dict):
+                report["summary"].update(source=record["filename"], output=files["video"])
+            faces = int(summary.get("faces") or 0)
+        else:
+            files["image"] = f"{Path(record['filename']).stem}-swapped{api.upload_suffix(record['filename'])}"
+            report = engine.swap_file(src, src.parent / files["image"], face, options)
+            faces = len(report.get("faces") or [])
+        report["face_source"] = record["source_filename"]
+        return report, faces
 
 
 # -- the resolver's routes -------------------------------------------------------------------
@@ -298,10 +385,6 @@ def add_local_job_routes(app: APIGatewayHttpResolver, jobs: LocalJobs, public_ur
 
     @app.post(**api.CREATE_JOB)
     def create_job(request: api.JobRequest) -> api.JobCreated:
-        if request.operation == "swap" or request.source_filename or request.swap_options:
-            # never run as another operation: a swap job needs the deployed API's second upload
-            raise BadRequestError("face swap jobs run on the deployed API; here, POST /v1/swap swaps a photo "
-                                  "and `faceflow swap` a video")
         suffix = api.upload_suffix(request.filename)
         readable = api.readable_media_types(request.filename)
         if request.content_type is not None and request.content_type not in readable:
@@ -313,14 +396,21 @@ def add_local_job_routes(app: APIGatewayHttpResolver, jobs: LocalJobs, public_ur
         content_type = request.content_type or api.UPLOAD_CONTENT_TYPES[suffix]
         operation = request.operation or "anonymize"
         if request.report is not None and operation != "anonymize":  # as the deployed API answers
-            raise BadRequestError("report: an edited report is rendered by an anonymize job, not an analysis")
+            raise BadRequestError("report: an edited report is rendered by an anonymize job, not an analysis or a swap")
         if request.report is not None and len(json.dumps(request.report)) > api.MAX_REPORT_BYTES:
             raise ServiceError(413, f"report: over the limit of {api.MAX_REPORT_BYTES} bytes of JSON")
+        swap = swap_fields(request, suffix in api.VIDEO_CONTENT_TYPES, jobs.engines.options.get("model_dir"))
         record = jobs.create(request.filename, content_type, operation, sensitivity=request.sensitivity,
-                             priority=request.priority, review=request.report)
-        upload = api.Upload(url=f"{base_url(app, public_url)}/v1/uploads/{record['id']}",
+                             priority=request.priority, review=request.report, **swap)
+        base = base_url(app, public_url)
+        upload = api.Upload(url=f"{base}/v1/uploads/{record['id']}",
                             headers={"Content-Type": content_type}, expires_in=jobs.limits.url_ttl_s)
-        return api.JobCreated(job_id=record["id"], status=QUEUED, upload=upload)
+        if not swap:
+            return api.JobCreated(job_id=record["id"], status=QUEUED, upload=upload)
+        source = api.Upload(url=f"{base}/v1/uploads/{record['id']}/{SOURCE}",
+                            headers={"Content-Type": swap["source_content_type"]}, expires_in=jobs.limits.url_ttl_s)
+        return api.JobCreated(job_id=record["id"], status=QUEUED, upload=upload, source_upload=source,
+                              complete_url=f"/v1/jobs/{record['id']}/complete")
 
     @app.get(**api.GET_JOB)
     def get_job(job_id: str) -> api.Job:
@@ -332,7 +422,18 @@ def add_local_job_routes(app: APIGatewayHttpResolver, jobs: LocalJobs, public_ur
 
     @app.post(**api.COMPLETE_JOB_UPLOAD)
     def complete_upload(job_id: str) -> api.Job:
-        raise ServiceError(409, f"job {job(job_id)['id']} was created for a single PUT, not a multipart upload")
+        record = job(job_id)
+        if record["operation"] != SWAP:
+            raise ServiceError(409, f"job {record['id']} was created for a single PUT, not a multipart upload")
+        try:
+            missing = jobs.complete(record["id"])
+        except queue.Full:
+            raise ServiceError(503, "too many jobs waiting: complete the job again shortly") from None
+        if missing:
+            names = " and ".join("the target" if what == TARGET else "the source face photo" for what in missing)
+            raise ServiceError(409, f"{names} of job {record['id']} {'have' if len(missing) > 1 else 'has'} not been "
+                                    "uploaded: PUT it, then complete again")
+        return api.job_view(job(job_id))
 
     @app.get(**api.GET_JOB_RESULT)
     def get_result(job_id: str) -> api.ResultLinks:
@@ -344,6 +445,34 @@ def add_local_job_routes(app: APIGatewayHttpResolver, jobs: LocalJobs, public_ur
         base = base_url(app, public_url)
         links = {f"{kind}_url": f"{base}/v1/files/{job_id}/{name}" for kind, name in record["files"].items()}
         return api.ResultLinks(**links, expires_in=jobs.limits.url_ttl_s)
+
+
+def swap_fields(request: api.JobRequest, is_video: bool, model_dir) -> dict:
+    """A swap job's record fields ({} for another operation), checked as the deployed API
+    checks them (functions/api/app.py), and the engine's weights: 400 when it cannot run."""
+    from faceflow.bundle import ModelError
+    from faceflow.images import BadInput
+    if request.operation != SWAP:
+        if request.source_filename is not None or request.swap_options is not None:
+            raise BadRequestError("source_filename and swap_options are a swap's (\"operation\": \"swap\") only")
+        return {}
+    if request.source_filename is None:
+        raise BadRequestError("a swap needs source_filename: the photo of the face to put in, a second upload")
+    options = request.swap_options.model_dump(exclude_none=True) if request.swap_options else {}
+    if options.get("tracks") and not is_video:
+        raise BadRequestError("swap_options.tracks picks faces of a video (track ids from its analysis report)")
+    if options.get("tracks") and options.get("largest"):
+        raise BadRequestError("swap_options: choose either the largest face or tracks, not both")
+    from faceflow.swap import SwapOptions
+    try:
+        SwapOptions(**options)
+        if options.get("engine") == "inswapper":  # the operator's own weights, or none here
+            from faceflow.inswapper import model_files
+            model_files(model_dir)
+    except (BadInput, ModelError) as exc:
+        raise BadRequestError(f"swap_options: {exc}") from None
+    source_type = request.source_content_type or api.UPLOAD_CONTENT_TYPES[api.upload_suffix(request.source_filename)]
+    return {"source_filename": request.source_filename, "source_content_type": source_type, "options": options}
 
 
 def add_compat_routes(app: APIGatewayHttpResolver, photos: api.PhotoRoutes, engines: Engines) -> None:
@@ -455,7 +584,8 @@ class Server:
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._measure])
         app.router.add_get("/metrics", self._metrics)
-        app.router.add_put("/v1/uploads/{job_id}", self._upload)
+        app.router.add_put("/v1/uploads/{job_id}", functools.partial(self._upload, what=TARGET))
+        app.router.add_put(f"/v1/uploads/{{job_id}}/{SOURCE}", functools.partial(self._upload, what=SOURCE))
         app.router.add_get("/v1/files/{job_id}/{name}", self._download)
         add_stream_route(app, self.jobs.engines)  # GET /v1/stream: live streams (engines on all cores, as jobs)
         for route in ("/v1/jobs/{job_id}/upload", "/v1/jobs/{job_id}/complete", "/v1/jobs/{job_id}/result",
@@ -530,24 +660,25 @@ class Server:
     def _answer(self, event: dict) -> tuple[int, list[tuple[str, str]], bytes]:
         return response_parts(self.resolver().resolve(event, _Context()))
 
-    async def _upload(self, request: web.Request) -> web.Response:
-        """A job's input, PUT to the URL POST /v1/jobs gave; the job starts when it is whole."""
+    async def _upload(self, request: web.Request, what: str) -> web.Response:
+        """A job's input (`what`: TARGET, or a swap's SOURCE), PUT to the URL POST /v1/jobs
+        gave; the job starts when it is whole (a swap job: at POST .../complete)."""
         record = self.jobs.get(request.match_info["job_id"])
-        if record is None:
-            return error(404, "no such job")
-        if record["stage"] != AWAITING_UPLOAD:
-            return error(409, f"job {record['id']} has its input already")
+        if record is None or what not in record["uploads"]:
+            return error(404, "no such job" if record is None else f"job {record['id']} has no {what} upload")
+        if record["uploads"][what] != AWAITING_UPLOAD:
+            return error(409, f"job {record['id']} has its {what} already")
         if time.time() > record["expires"]:
             return error(403, "the upload URL has expired: create a new job")
+        expected_type, limit = self.jobs.upload_media(record, what)
         content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if content_type != record["content_type"]:
-            return error(400, f"send the upload with Content-Type: {record['content_type']}")
-        limit = self.jobs.limit_for(record)
+        if content_type != expected_type:
+            return error(400, f"send the upload with Content-Type: {expected_type}")
         if request.content_length is not None and request.content_length > limit:
             return error(413, f"over the limit of {limit} bytes")
-        if not self.jobs.claim_upload(record["id"]):
-            return error(409, f"job {record['id']} has its input already (or it is being uploaded)")
-        target = self.jobs.input_path(record)
+        if not self.jobs.claim_upload(record["id"], what):
+            return error(409, f"job {record['id']} has its {what} already (or it is being uploaded)")
+        target = self.jobs.input_path(record, what)
         partial = target.with_name(target.name + ".part")
         loop = asyncio.get_running_loop()
         received, whole = 0, False
@@ -565,7 +696,10 @@ class Server:
         finally:
             if not whole:  # refused, or the connection broke: nothing half-written stays
                 partial.unlink(missing_ok=True)
-                self.jobs.release_upload(record["id"])
+                self.jobs.release_upload(record["id"], what)
+        if record["operation"] == SWAP:
+            self.jobs.received(record["id"], what)
+            return web.Response(status=200)
         if not self.jobs.start(record["id"]):
             target.unlink(missing_ok=True)
             self.jobs.release_upload(record["id"])
