@@ -165,7 +165,7 @@ def test_openapi_documents_bodies_statuses_and_one_error_schema(stack, openapi):
             if path.startswith("/v1/jobs/{job_id}"):
                 assert "404" in responses, (method, path)
     assert set(paths["/v1/jobs"]["post"]["responses"]) == {"201", "400", "413", "415"}
-    assert set(paths["/v1/jobs/{job_id}/complete"]["post"]["responses"]) == {"202", "404", "409"}
+    assert set(paths["/v1/jobs/{job_id}/complete"]["post"]["responses"]) == {"202", "404", "409", "503"}
     for path in ("/v1/analyze", "/v1/anonymize"):
         post = paths[path]["post"]
         assert {"400", "413", "415"} <= set(post["responses"])

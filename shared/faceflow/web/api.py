@@ -294,6 +294,7 @@ ERROR_MEANINGS = {
     410: "the job failed: its result will never exist (the message says why and what to do)",
     413: "too large",
     415: "unsupported Content-Type",
+    503: "busy: too many jobs waiting (a local server's bounded queue); try again after Retry-After",
 }
 
 
@@ -329,7 +330,7 @@ GET_JOB = dict(rule="/v1/jobs/<job_id>", operation_id="getJob",
 GET_JOB_UPLOAD = dict(rule="/v1/jobs/<job_id>/upload", operation_id="getJobUpload", responses=answers(
     200, "the parts received and URLs for the missing ones", json_of(UploadStatus), 404, 409))
 COMPLETE_JOB_UPLOAD = dict(rule="/v1/jobs/<job_id>/complete", status_code=202, operation_id="completeJobUpload",
-                           responses=answers(202, "the parts are joined; the job starts", json_of(Job), 404, 409))
+                           responses=answers(202, "the parts are joined; the job starts", json_of(Job), 404, 409, 503))
 GET_JOB_RESULT = dict(rule="/v1/jobs/<job_id>/result", operation_id="getJobResult", responses=answers(
     200, "download links of the result and its report", json_of(ResultLinks), 404, 409, 410))
 
