@@ -213,15 +213,19 @@ def test_real_video_hand_frames_are_not_pasted_over_and_clear_frames_are_swapped
         box = np.s_[max(0, y):y + h, max(0, x):x + w]
         return np.abs(after[i][box].astype(int) - before[i][box].astype(int)).mean()
     hand = _labelled("hand")
-    settled = hand[FADE_FRAMES - 1:]   # the paste has faded out by then
+    # The labels are coarse (the first hand frame shows fingertips at the chin): the cue may
+    # catch the hand a frame late, and the paste has faded out FADE_FRAMES - 1 frames later.
+    assert record(hand[1])["swap"]["occluded"] and record(hand[1])["swap"]["opacity"] < 1.0
+    settled = hand[FADE_FRAMES:]
     assert all(record(i)["source"] == DETECTED for i in settled)  # the detector did not lose it
     pasted = [i for i in settled if record(i)["swap"]["swapped"]]
     assert not pasted, f"pasted over the hand on frames {pasted}"
-    assert max(change(i) for i in settled) < 2.5   # re-encoding only
+    # re-encoding only: its mean difference in the box is ~2.5 here, a swapped face's 12 or more
+    assert max(change(i) for i in settled) < 4
     clear = _labelled("clear")
     full = [i for i in clear if record(i)["swap"].get("opacity") == 1.0]
     assert len(full) == len(clear), sorted(set(clear) - set(full))
-    assert np.median([change(i) for i in clear]) > 6
+    assert min(change(i) for i in clear) > 6
 
 
 def test_occlusion_cue_compares_a_face_with_its_own_earlier_frames():
