@@ -271,7 +271,10 @@ def video(engine, out: Path, source: Path) -> dict:
         summary = swap_video(engine, other, out / f"{other.stem}_swap.mp4",
                              prepared.fresh(probe(other).fps), report=report)
         covered = occluded_frames(json.loads(report.read_text()))
-        results[other.name] = {"frames": summary["frames"], "frames_judged_occluded": len(covered),
+        detected = {frame["frame"] for frame in json.loads(report.read_text())["frames"]
+                    if any(face.get("source") == "detected" for face in frame["faces"])}
+        results[other.name] = {"frames": summary["frames"], "frames_with_a_detected_face": len(detected),
+                               "frames_judged_occluded": len(covered),
                                "note": "no hand in front of a face (by eye): every one is a false fade"}
     return results
 
