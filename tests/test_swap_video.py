@@ -1,9 +1,11 @@
 """Face swap on video: frame count, timestamps and audio kept, the mark in the container's
-metadata (read with PyAV), and a face the detector loses (something in front of it) faded out
-instead of pasted over what covers it, then faded back in."""
+metadata (read with PyAV), and a face the detector loses (something in front of it) or still
+finds with something in front of it (OcclusionCue: a hand over the mouth) faded out instead of
+pasted over what covers it, then faded back in."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import av
 import cv2
@@ -12,13 +14,19 @@ import pytest
 
 from faceflow import synthetic
 from faceflow.face import DETECTED, TRACKED, Face
-from faceflow.swap import FADE_FRAMES, Swap, SwapOptions
+from faceflow.swap import FADE_FRAMES, OcclusionCue, Swap, SwapOptions
 
 from conftest import data_path
 
 FPS = 10
 FRAMES = 40
 COVERED = range(15, 25)   # frames with a grey card in front of the face
+# The Pexels clip's hand frames and clear frames, labelled by eye (coarse: see the file).
+PEXELS_LABELS = json.loads((Path(__file__).parent / "data" / "pexels_hand_frames.json").read_text())
+
+
+def _labelled(kind: str) -> list[int]:
+    return [i for first, last in PEXELS_LABELS[kind] for i in range(first, last + 1)]
 
 
 def _timeline(path):
@@ -163,12 +171,20 @@ def test_smoothing_reduces_jitter():
     assert np.abs(last - (still + 4.0 * 49)).max() < 8
 
 
-@pytest.mark.slow
-def test_real_video_keeps_frames_timing_audio_and_is_marked(engine, tmp_path):
+@pytest.fixture(scope="module")
+def swapped_pexels(engine, tmp_path_factory):
+    """The Pexels clip (a hand over her mouth on frames 58-228) swapped, with its report."""
     src = data_path("video", "pyfeat_WolfgangLanger_Pexels.mp4")
     source = data_path("images", "pyfeat_multi_face.jpg").read_bytes()
-    out = tmp_path / "out.mp4"
-    summary = engine.swap_file(src, out, source, SwapOptions(face_index=1, largest=True))
+    out = tmp_path_factory.mktemp("pexels") / "out.mp4"
+    report = out.with_suffix(".json")
+    summary = engine.swap_file(src, out, source, SwapOptions(face_index=1, largest=True), report=report)
+    return src, out, summary, json.loads(report.read_text())
+
+
+@pytest.mark.slow
+def test_real_video_keeps_frames_timing_audio_and_is_marked(swapped_pexels):
+    src, out, summary, _ = swapped_pexels
     pts_in, audio_in, _ = _timeline(src)
     pts_out, audio_out, metadata = _timeline(out)
     assert len(pts_out) == len(pts_in) == 472
@@ -176,7 +192,120 @@ def test_real_video_keeps_frames_timing_audio_and_is_marked(engine, tmp_path):
     assert audio_in == audio_out == 1
     assert metadata[synthetic.DIGITAL_SOURCE_TYPE_TAG] == synthetic.COMPOSITE_SYNTHETIC
     (track,) = summary["swapped_tracks"]
-    assert track["frames_swapped"] >= 460
+    assert track["frames_swapped"] >= len(_labelled("clear"))
+
+
+@pytest.mark.slow
+def test_real_video_hand_frames_are_not_pasted_over_and_clear_frames_are_swapped(swapped_pexels):
+    """YuNet finds her face at ~0.9 with the hand over it: the mesh's presence cue fades the
+    paste out within FADE_FRAMES of the hand's arrival, and the output's face box is the
+    input's (up to re-encoding) until the hand has gone."""
+    src, out, _, report = swapped_pexels
+    frames = report["frames"]
+    before, after = _frames(src), _frames(out)
+
+    def record(i):
+        (face,) = frames[i]["faces"]
+        return face
+
+    def change(i):
+        x, y, w, h = (int(v) for v in record(i)["box"])
+        box = np.s_[max(0, y):y + h, max(0, x):x + w]
+        return np.abs(after[i][box].astype(int) - before[i][box].astype(int)).mean()
+    hand = _labelled("hand")
+    # The labels are coarse (the first hand frame shows fingertips at the chin): the cue may
+    # catch the hand a frame late, and the paste has faded out FADE_FRAMES - 1 frames later.
+    assert record(hand[1])["swap"]["occluded"] and record(hand[1])["swap"]["opacity"] < 1.0
+    settled = hand[FADE_FRAMES:]
+    assert all(record(i)["source"] == DETECTED for i in settled)  # the detector did not lose it
+    pasted = [i for i in settled if record(i)["swap"]["swapped"]]
+    assert not pasted, f"pasted over the hand on frames {pasted}"
+    # re-encoding only: its mean difference in the box is ~2.5 here, a swapped face's 12 or more
+    assert max(change(i) for i in settled) < 4
+    clear = _labelled("clear")
+    full = [i for i in clear if record(i)["swap"].get("opacity") == 1.0]
+    assert len(full) == len(clear), sorted(set(clear) - set(full))
+    assert min(change(i) for i in clear) > 6
+
+
+def test_occlusion_cue_compares_a_face_with_its_own_earlier_frames():
+    rng = np.random.default_rng(5)
+    # a face whose presence logit sits near 50, then a hand (a drop to ~35), lingering at the
+    # lips (~42: still covered, the cue holds until the face is back near its own level)
+    cue = OcclusionCue()
+    clear = [cue.update(v) for v in 50 + rng.uniform(-6, 6, 60)]
+    assert not any(clear)
+    assert all(cue.update(v) for v in [35, 30, 20, 38, 42, 43, 41])
+    assert cue.update(None)   # no cue this frame: the state holds
+    assert not cue.update(49.0)
+    # another face, whose clear level is 8: the same drops in logits are relative to it
+    low = OcclusionCue()
+    assert not any(low.update(v) for v in 8 + rng.uniform(-2, 2, 60))
+    assert low.update(1.0)
+    assert not OcclusionCue().update(-10.0)   # a first frame is its own reference
+
+
+def test_presence_drops_when_a_patch_covers_the_mouth_and_the_detector_still_finds_the_face(
+        engine, astronaut_bgr):
+    """The cue's signal on a real model: a skin-coloured card over her mouth and chin (the
+    detector still scores the face ~0.9) lowers the mesh's presence logit far past
+    OcclusionCue's threshold."""
+    from faceflow.facemesh import FaceMesh
+    from faceflow.swap import OCCLUSION_ENTER_DROP
+    face = max(engine.detect(astronaut_bgr), key=lambda f: f.size)
+    mesh = FaceMesh()
+    (points,), (clear,) = mesh.run_with_presence(astronaut_bgr, [face])
+    assert np.allclose(mesh.run(astronaut_bgr, [face])[0], points)
+    covered = _patch_over_mouth(astronaut_bgr, face)
+    (hidden,) = engine.detect(covered)
+    assert hidden.score > 0.6
+    (_,), (presence,) = mesh.run_with_presence(covered, [hidden])
+    assert presence < clear * (1 - 2 * OCCLUSION_ENTER_DROP)
+
+
+def _patch_over_mouth(bgr, face) -> np.ndarray:
+    """A skin-coloured card from just under the nose to below the chin (a hand's place)."""
+    x, y, w, h = (int(v) for v in face.box)
+    nose = face.landmarks[2]
+    out = bgr.copy()
+    cv2.rectangle(out, (x - 10, int(nose[1]) + 5), (x + w + 10, y + h + 20), (175, 197, 234), -1)
+    return out
+
+
+def test_a_detected_face_with_a_hand_over_the_mouth_is_faded_out_and_back_in(astronaut_bgr):
+    """Without a model: a stand-in engine gives presence logits; the paste fades out over
+    FADE_FRAMES while the face is judged covered and back in once it is clear."""
+    class Recorder:
+        name, digital_source_type, needs_mesh = "landmark", synthetic.COMPOSITE_SYNTHETIC, True
+
+        def __init__(self, presence):
+            self.presence, self.pasted = iter(presence), []
+
+        def meshes_with_presence(self, bgr, faces):
+            return [np.full((468, 2), f.box[0], np.float32) for f in faces], [next(self.presence) for _ in faces]
+
+        def paste(self, bgr, source, points, opacity, still):
+            self.pasted.append(opacity)
+            return True
+
+    presence = [50.0] * 10 + [30.0] * 10 + [50.0] * 10
+    recorder = Recorder(presence)
+    swap = Swap(recorder, source=None, options=SwapOptions(), fps=25)
+    records = []
+    for i in range(len(presence)):
+        face = Face(box=(100 + i, 100, 80, 80), score=0.9, track=1)
+        swap.apply(astronaut_bgr, [face])
+        records.append(face.attributes["swap"])
+    assert all(r == {"engine": "landmark", "swapped": True, "opacity": 1.0} for r in records[:10])
+    assert [r["opacity"] for r in records[10:10 + FADE_FRAMES - 1]] == pytest.approx(
+        [1 - k / FADE_FRAMES for k in range(1, FADE_FRAMES)])
+    assert all(r["occluded"] for r in records[10:20])
+    assert all(r == {"engine": "landmark", "swapped": False, "opacity": 0.0, "occluded": True,
+                     "reason": "occluded"} for r in records[10 + FADE_FRAMES - 1:20])
+    assert [r["opacity"] for r in records[20:20 + FADE_FRAMES]] == pytest.approx(
+        [k / FADE_FRAMES for k in range(1, FADE_FRAMES + 1)])
+    (track,) = swap.tracks()
+    assert track["frames_occluded"] == 10 and track["frames_swapped"] == 10 + FADE_FRAMES - 1 + 10
 
 
 @pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])

@@ -86,10 +86,17 @@ class FaceMesh:
         The crop is turned by the detector's eye line; where the mesh's own eye line then
         differs by more than RECROP_DEGREES (the detector's eye points drift on tilted faces),
         that face runs again turned by the mesh's, up to RECROP_PASSES times."""
+        return self.run_with_presence(bgr, faces)[0]
+
+    def run_with_presence(self, bgr: np.ndarray, faces: list[Face]) -> tuple[list[np.ndarray], list[float | None]]:
+        """`run`'s meshes and, per face, the model's face-presence logit (MediaPipe's face flag
+        before its sigmoid; None when the model file lacks that output). It saturates on any
+        face (a clear face is 3-65, and differs from face to face) but drops when something
+        covers part of the face: compare it with the same face's earlier frames."""
         if not faces:
-            return []
+            return [], []
         rolls = [roll_of(face) for face in faces]
-        meshes = self._run(bgr, faces, rolls)
+        meshes, presence = self._forward(bgr, faces, rolls)
         todo = list(range(len(faces)))
         for _ in range(RECROP_PASSES):
             todo = [i for i in todo if abs(_wrap(mesh_roll(meshes[i]) - rolls[i])) > RECROP_DEGREES]
@@ -97,22 +104,30 @@ class FaceMesh:
                 break
             for i in todo:
                 rolls[i] = mesh_roll(meshes[i])
-            for i, mesh in zip(todo, self._run(bgr, [faces[i] for i in todo], [rolls[i] for i in todo])):
-                meshes[i] = mesh
-        return meshes
+            again = self._forward(bgr, [faces[i] for i in todo], [rolls[i] for i in todo])
+            for i, mesh, flag in zip(todo, *again):
+                meshes[i], presence[i] = mesh, flag
+        return meshes, presence
 
     def _run(self, bgr, faces, rolls) -> list[np.ndarray]:
+        return self._forward(bgr, faces, rolls)[0]
+
+    def _forward(self, bgr, faces, rolls) -> tuple[list[np.ndarray], list[float | None]]:
         transforms = [crop_transform(face, roll) for face, roll in zip(faces, rolls)]
         crops = [cv2.warpAffine(bgr, m, (INPUT_SIZE, INPUT_SIZE), flags=cv2.INTER_LINEAR,
                                 borderMode=cv2.BORDER_CONSTANT) for m in transforms]
-        out = []
+        out, presence = [], []
         for first in range(0, len(crops), FACES_PER_FORWARD):
             batch = crops[first:first + FACES_PER_FORWARD]
             # RGB, [0, 1], NCHW in one pass
             blob = cv2.dnn.blobFromImages(batch, 1.0 / 255.0, swapRB=True)
-            points = self.session.run(None, {self.input_name: blob})[0]
-            out.extend(points.reshape(len(batch), MESH_POINTS, 3))
-        return [to_image(points, m) for points, m in zip(out, transforms)]
+            outputs = self.session.run(None, {self.input_name: blob})
+            out.extend(outputs[0].reshape(len(batch), MESH_POINTS, 3))
+            if len(outputs) > 1 and outputs[1].size == len(batch):  # the face flag
+                presence.extend(float(v) for v in outputs[1].ravel())
+            else:
+                presence.extend([None] * len(batch))
+        return [to_image(points, m) for points, m in zip(out, transforms)], presence
 
 
 def roll_of(face: Face) -> float:

@@ -117,6 +117,11 @@ class LandmarkSwapper:
         """(468, 2) points per face, in image pixels."""
         return [m[:, :2] for m in self.mesh.run(bgr, faces)]
 
+    def meshes_with_presence(self, bgr: np.ndarray, faces: list[Face]) -> tuple[list[np.ndarray], list]:
+        """`meshes` and the mesh model's face-presence logit per face (FaceMesh.run_with_presence)."""
+        meshes, presence = self.mesh.run_with_presence(bgr, faces)
+        return [m[:, :2] for m in meshes], presence
+
     def prepare(self, bgr: np.ndarray, face: Face) -> LandmarkSource:
         mesh = self.mesh.run(bgr, [face])[0]
         points = mesh[:, :2]

@@ -10,8 +10,10 @@ all (default), the largest, or the tracks named (video; ids from an `analyze` re
 
 On video the landmark engine smooths each track's mesh (a One Euro filter, faceflow.smoothing)
 so the pasted face does not jitter, and fades a face out over FADE_FRAMES frames once the
-detector loses it (the tracker still follows it: a hand in front of it) instead of pasting over
-whatever covers it; it fades back in when the face is found again.
+detector loses it (the tracker still follows it: a hand in front of it) or once the face is
+judged covered while still detected (OcclusionCue: the detector finds a face with a hand over
+its mouth at full score), instead of pasting over whatever covers it; it fades back in when the
+face is found again, uncovered.
 
 Every output is marked as synthetic (faceflow.synthetic) with the engine's IPTC digital source
 type; `Swap.marking` says how, for the report. A swap runs only when asked for by name: nothing
@@ -19,6 +21,7 @@ else in faceflow builds a Swap.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,6 +40,16 @@ DEFAULT_ENGINE = "landmark"
 SOURCE_MIN_SIDE = 1600
 # Frames over which a lost face's paste fades out, and a found one's fades back in.
 FADE_FRAMES = 5
+# Occlusion of a detected face, from the mesh model's face-presence logit (OcclusionCue): a face
+# counts as covered once the logit falls more than OCCLUSION_ENTER_DROP of the track's reference
+# (and at least OCCLUSION_MIN_DROP) below it, and uncovered again once it is back within
+# OCCLUSION_LEAVE_DROP. The reference is the median of the track's uncovered frames among the
+# last OCCLUSION_WINDOW. Measured on the Pexels clip (README, Face swap): uncovered frames lie
+# within 0.16 of their median, frames with a hand over the mouth 0.13-0.7 below it.
+OCCLUSION_ENTER_DROP = 0.2
+OCCLUSION_LEAVE_DROP = 0.05
+OCCLUSION_MIN_DROP = 5.0
+OCCLUSION_WINDOW = 120
 
 
 @dataclass
@@ -77,11 +90,40 @@ def pick_source_face(faces: list[Face], face_index: int | None = None) -> Face:
     return max(faces, key=lambda f: f.box[2] * f.box[3])
 
 
+class OcclusionCue:
+    """Whether a tracked face is covered (a hand in front of it) though the detector still
+    finds it, from the mesh's face-presence logit frame after frame (see OCCLUSION_*). The
+    logit of a clear face differs from face to face (3-65 on faceflow's test photos), so the
+    cue compares each face with its own earlier, uncovered frames: the first frames of a track
+    are its reference (a face covered from its first frame is not recognised as covered)."""
+
+    def __init__(self):
+        self.reference_values: deque[float] = deque(maxlen=OCCLUSION_WINDOW)
+        self.covered = False
+
+    def update(self, presence: float | None) -> bool:
+        """Take this frame's logit (None: no cue, the state stays) and say whether the face is
+        covered."""
+        if presence is None:
+            return self.covered
+        if self.reference_values:
+            reference = float(np.median(self.reference_values))
+            drop = reference - presence
+            if self.covered:
+                self.covered = drop > max(OCCLUSION_LEAVE_DROP * abs(reference), OCCLUSION_MIN_DROP / 2)
+            else:
+                self.covered = drop > max(OCCLUSION_ENTER_DROP * abs(reference), OCCLUSION_MIN_DROP)
+        if not self.covered:
+            self.reference_values.append(presence)
+        return self.covered
+
+
 @dataclass
 class _Track:
     """A video track's swap state: its smoothing filter, the points last pasted and the
     box they were pasted in, its opacity and the frame it was last seen detected."""
     filter: OneEuroFilter
+    occlusion: OcclusionCue = field(default_factory=OcclusionCue)
     points: np.ndarray | None = None
     centre: tuple[float, float] | None = None
     opacity: float = 0.0
@@ -89,6 +131,7 @@ class _Track:
     frames: int = 0          # frames it was pasted on
     faded: int = 0           # of those, at reduced opacity
     skipped: int = 0         # frames with the face not detected and nothing pasted
+    covered: int = 0         # frames detected but judged covered (OcclusionCue)
 
 
 @dataclass
@@ -249,49 +292,65 @@ class Swap:
 
     def _apply_mesh(self, bgr, faces, offset) -> dict[int, dict[str, Any]]:
         detected = [f for f in faces if f.track is None or f.source == DETECTED]
-        found = self.swapper.meshes(bgr, [_shifted(f, offset) for f in detected])
-        meshes = {id(f): m + offset for f, m in zip(detected, found)}
+        shifted = [_shifted(f, offset) for f in detected]
+        if hasattr(self.swapper, "meshes_with_presence"):
+            found, presence = self.swapper.meshes_with_presence(bgr, shifted)
+        else:
+            found, presence = self.swapper.meshes(bgr, shifted), [None] * len(shifted)
+        meshes = {id(f): (m + offset, p) for f, m, p in zip(detected, found, presence)}
         out = {}
         for face in faces:
-            points, opacity = self._points(face, meshes.get(id(face)))
+            mesh, flag = meshes.get(id(face), (None, None))
+            points, opacity, covered = self._points(face, mesh, flag)
             pasted = points is not None and opacity > 0 and \
                 self.swapper.paste(bgr, self.source, points - offset, opacity, still=face.track is None)
             out[id(face)] = {"swapped": bool(pasted), "opacity": round(opacity, 3) if pasted else 0.0}
+            if covered:
+                out[id(face)]["occluded"] = True
             if not pasted and face.source != DETECTED:
                 out[id(face)]["reason"] = "not detected"
-            self._count(face, pasted, opacity)
+            elif not pasted and covered:
+                out[id(face)]["reason"] = "occluded"
+            self._count(face, pasted, opacity, covered)
         return out
 
-    def _points(self, face: Face, mesh: np.ndarray | None) -> tuple[np.ndarray | None, float]:
-        """The points to paste on and the opacity: a photo's face as meshed; a video track's
-        smoothed, or (not detected this frame) its last points moved with its box, fading."""
+    def _points(self, face: Face, mesh: np.ndarray | None,
+                presence: float | None = None) -> tuple[np.ndarray | None, float, bool]:
+        """The points to paste on, the opacity and whether the face is judged covered: a
+        photo's face as meshed; a video track's smoothed (fading out while OcclusionCue says
+        it is covered), or (not detected this frame) its last points moved with its box,
+        fading."""
         if face.track is None:
-            return mesh, 1.0
+            return mesh, 1.0, False
         state = self._tracks.get(face.track)
         if state is None:
             state = self._tracks[face.track] = _Track(OneEuroFilter(self.fps), opacity=1.0)
         x, y, w, h = face.box
         centre = (x + w / 2, y + h / 2)
         if mesh is not None:
+            covered = state.occlusion.update(presence)
             steps = self._frame - state.frame if state.frame >= 0 else 1
             points = state.filter(mesh, face.size, steps) if self.smooth else mesh
-            if state.frame >= 0 and state.opacity < 1.0:
+            if covered:
+                state.opacity = max(0.0, round(state.opacity - 1.0 / FADE_FRAMES, 6))
+            elif state.frame >= 0 and state.opacity < 1.0:
                 state.opacity = min(1.0, round(state.opacity + 1.0 / FADE_FRAMES, 6))
             state.points, state.centre, state.frame = points, centre, self._frame
-            return points, state.opacity
+            return points, state.opacity, covered
         # lost by the detector: the last points, moved with the tracker's box, fading out
         state.opacity = max(0.0, round(state.opacity - 1.0 / FADE_FRAMES, 6))  # 0 after FADE_FRAMES
         if state.points is None or state.opacity <= 0:
-            return None, 0.0
+            return None, 0.0, False
         shift = np.subtract(centre, state.centre).astype(np.float32)
-        return state.points + shift, state.opacity
+        return state.points + shift, state.opacity, False
 
-    def _count(self, face: Face, pasted: bool, opacity: float = 1.0) -> None:
+    def _count(self, face: Face, pasted: bool, opacity: float = 1.0, covered: bool = False) -> None:
         if face.track is None:
             return
         state = self._tracks.get(face.track)
         if state is None:
             state = self._tracks[face.track] = _Track(OneEuroFilter(self.fps), opacity=1.0)
+        state.covered += covered
         if pasted:
             state.frames += 1
             state.faded += opacity < 1.0
@@ -299,9 +358,11 @@ class Swap:
             state.skipped += 1
 
     def tracks(self) -> list[dict[str, Any]]:
-        """Per track: frames swapped, of them faded, and frames left alone (not detected)."""
+        """Per track: frames swapped, of them faded, frames left alone, and frames judged
+        covered (OcclusionCue: faded out, then left alone)."""
         return [{"track": t, "engine": self.engine, "frames_swapped": s.frames,
-                 "frames_faded": s.faded, "frames_not_swapped": s.skipped}
+                 "frames_faded": s.faded, "frames_not_swapped": s.skipped,
+                 "frames_occluded": s.covered}
                 for t, s in sorted(self._tracks.items())]
 
 
