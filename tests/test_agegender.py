@@ -226,3 +226,17 @@ def test_gender_on_the_labelled_set_at_the_reported_rate(model_dir):
     assert totals["faces"] - totals["answered"] <= 3
     assert totals["faces"] - totals["forced_correct"] <= 2
     assert totals["faces"] - totals["age_in_range"] <= 6
+
+
+def test_blob_is_the_networks_normalisation_in_nchw():
+    # The blob is written chip by chip from views (channel-reversed, mirrored): it must equal
+    # (RGB - mean) / 256 transposed to NCHW, whatever the views' strides.
+    rng = np.random.default_rng(3)
+    bgr = [rng.integers(0, 256, (AGE_CHIP, AGE_CHIP, 3), dtype=np.uint8) for _ in range(3)]
+    chips = [bgr[0][..., ::-1], bgr[1][..., ::-1][:, ::-1], bgr[2]]
+    expected = np.stack([(c.astype(np.float32) - agegender.CHANNEL_MEANS_RGB) * np.float32(1 / 256)
+                         for c in chips]).transpose(0, 3, 1, 2)
+    got = AgeGender.blob(chips)
+    assert got.shape == (3, 3, AGE_CHIP, AGE_CHIP) and got.dtype == np.float32
+    assert got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)
