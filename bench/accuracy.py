@@ -328,7 +328,7 @@ def quantise_int8(data: Path, out: Path, ops: list[str] | None = None, every: in
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         prepared.unlink()
     print(f"int8 age and gender networks in {out}, calibrated on "
-          f"{len(blobs[agegender.AGE_CHIP])} faces (every {every}th frame of {data / 'video'}); "
+          f"{len(blobs[agegender.AGE_CHIP])} faces (one frame in {every} of {data / 'video'}); "
           f"quantised ops: {', '.join(ops) if ops else 'all'}")
 
 
