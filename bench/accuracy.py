@@ -3,6 +3,7 @@
     python bench/accuracy.py [--data ../shared/data] [--download] [--json OUT] [--stability]
                              [--dlib-parity] [--chips one|mirror|shift|four|ten]
                              [--age-chips SET] [--gender-chips SET] [--align detector|mesh]
+                             [--int8 DIR [--int8-ops Conv] [--int8-every N]]
 
 Each labelled face is found again with the default detector (YuNet; IoU >= 0.5 with the
 labelled box) and read by faceflow.agegender.AgeGender, aligned from the detector's five
@@ -19,6 +20,13 @@ elderly, children, turned heads), and the accuracy and coverage over confidence 
 t1.jpg comes from the insightface wheel: the installed package, a wheel in
 ~/.cache/faceflow/wheels, or (with --download) `pip download --no-deps insightface` into
 that folder. Its faces are left out, with a line saying so, when none of these is there.
+
+--int8 DIR measures what 8-bit networks would cost in accuracy (the speed side:
+`python bench/analyze.py --models DIR`): it writes age-v1 and gender-v1 quantised by
+onnxruntime (QDQ, weights int8 per channel, activations uint8) into DIR, beside links to the
+bundle's other files, calibrated on the chips of every face in every Nth frame of the clips in
+DATA/video (none of them in the labelled set), then evaluates with DIR and prints how far each
+face's age and gender probability moved from the float networks'. Needs onnx (the fetch extra).
 """
 from __future__ import annotations
 
@@ -276,6 +284,65 @@ def dlib_parity(data: Path, model_dir=None, download: bool = False) -> str:
             f"p(male) by {np.mean(m):.3f} (max {np.max(m):.3f})")
 
 
+def quantise_int8(data: Path, out: Path, ops: list[str] | None = None, every: int = 10) -> None:
+    """age-v1 and gender-v1 as 8-bit QDQ models in `out`, calibrated on video chips (see --int8)."""
+    import av
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from faceflow import bundle
+    source = bundle.default_model_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if not (out / item.name).exists():
+            (out / item.name).symlink_to(item)
+    detector = load_detector(threads=1)
+    estimator = agegender.AgeGender(threads=1)
+    blobs: dict[int, list[np.ndarray]] = {agegender.AGE_CHIP: [], agegender.GENDER_CHIP: []}
+    for clip in sorted((data / "video").iterdir()):
+        with av.open(str(clip)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i % every:
+                    continue
+                bgr = frame.to_ndarray(format="bgr24")
+                for face in detector.detect(bgr):
+                    if face.landmarks is not None:
+                        points = agegender.dlib5_from_detector(face.landmarks)
+                        for size, found in blobs.items():
+                            found.append(estimator.blob(estimator.chips(bgr, points, size)))
+
+    class Chips(CalibrationDataReader):
+        def __init__(self, batch: np.ndarray):
+            self.batches = iter(batch[i:i + 8] for i in range(0, len(batch), 8))
+
+        def get_next(self):
+            return next(({"images": b} for b in self.batches), None)
+
+    for name, size in (("age", agegender.AGE_CHIP), ("gender", agegender.GENDER_CHIP)):
+        target = out / bundle.load_manifest(source)["models"][name]["file"]
+        target.unlink()
+        prepared = out / f"{target.stem}.prepared.onnx"
+        quant_pre_process(str(source / target.name), str(prepared))
+        quantize_static(str(prepared), str(target), Chips(np.concatenate(blobs[size])),
+                        quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=ops,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        prepared.unlink()
+    print(f"int8 age and gender networks in {out}, calibrated on "
+          f"{len(blobs[agegender.AGE_CHIP])} faces (one frame in {every} of {data / 'video'}); "
+          f"quantised ops: {', '.join(ops) if ops else 'all'}")
+
+
+def moved(rows: list[dict], reference: list[dict]) -> str:
+    """How far the answers in `rows` are from `reference`'s, face by face."""
+    pairs = [(r, f) for r, f in zip(rows, reference) if r.get("age") is not None and f.get("age") is not None]
+    ages = np.array([r["age"]["value"] - f["age"]["value"] for r, f in pairs])
+    conf = np.array([abs(r["confidence"] - f["confidence"]) for r, f in pairs])
+    flips = sum(r["model_gender"] != f["model_gender"] for r, f in pairs)
+    return (f"against the float networks, {len(pairs)} faces: age moved {np.abs(ages).mean():.2f} years "
+            f"on average (max {np.abs(ages).max():.1f}, mean {ages.mean():+.2f}); the likelier gender's "
+            f"probability {conf.mean():.3f} (max {conf.max():.3f}); likelier gender changed on {flips}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -296,15 +363,31 @@ def main(argv=None) -> None:
     ap.add_argument("--align", choices=("detector", "mesh"), default="detector",
                     help="dlib's five points from the detector's landmarks (as the analysis does) "
                          "or from the 468-point mesh")
+    ap.add_argument("--int8", type=Path, metavar="DIR",
+                    help="write 8-bit age and gender networks into DIR and evaluate with them")
+    ap.add_argument("--int8-ops", default=None,
+                    help="with --int8: the op types to quantise, e.g. Conv (default: all)")
+    ap.add_argument("--int8-every", type=int, default=10,
+                    help="with --int8: calibrate on every Nth video frame")
     args = ap.parse_args(argv)
     age_variants = CHIP_SETS[args.age_chips or args.chips] if (args.age_chips or args.chips) \
         else agegender.AGE_CHIP_VARIANTS
     gender_variants = CHIP_SETS[args.gender_chips or args.chips] if (args.gender_chips or args.chips) \
         else agegender.GENDER_CHIP_VARIANTS
     print(f"chips a face: age {age_variants}, gender {gender_variants}; alignment from the {args.align}")
+    float_rows = None
+    if args.int8:
+        float_rows, _ = evaluate(args.data, args.models, args.download, age_variants=age_variants,
+                                 gender_variants=gender_variants, align=args.align)
+        quantise_int8(args.data, args.int8, args.int8_ops.split(",") if args.int8_ops else None,
+                      args.int8_every)
+        args.models = args.int8
     rows, missing = evaluate(args.data, args.models, args.download, age_variants=age_variants,
                              gender_variants=gender_variants, align=args.align)
     print(report(rows, missing))
+    if float_rows is not None:
+        print()
+        print(moved(rows, float_rows))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "missing": missing}, indent=1))
     if args.stability:

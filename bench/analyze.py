@@ -3,6 +3,7 @@ default attributes (gender, age, pose, quality, eyes), and the cold start the an
 
     python bench/analyze.py [--runs 30] [--warmup 3] [--attributes gender,age,pose,quality,eyes]
                             [--cold-runs 5] [--profile] [--age-chips SET] [--gender-chips SET]
+                            [--models DIR]
 
 The photo is cut from ../shared/data/images/pyfeat_multi_face.jpg (five faces, ~100-130 px):
 a 640x480 window holding all five, then with 4, 3, 2, 1 of them covered by a flat grey patch
@@ -23,6 +24,7 @@ The load average is printed beside every table. Targets (printed, not enforced):
 at up to 5 faces, peak RSS <= 180 MB, analysis cold start <= 1 s. --age-chips and
 --gender-chips read each face from another of bench/accuracy.py's chip sets (one, mirror,
 shift, four, ten) instead of agegender's defaults: the cost side of the accuracy it reports.
+--models: another model folder (e.g. bench/accuracy.py --int8's).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 start = time.perf_counter()
 sys.path.insert(0, {shared!r})
 from faceflow.engine import Engine
-engine = Engine(threads=1)
+engine = Engine(threads=1, model_dir={models!r})
 ready = time.perf_counter()
 engine.analyzer({attributes!r})
 print(ready - start, time.perf_counter() - ready)
@@ -139,11 +141,11 @@ def profile(fn, runs: int, top: int = 15) -> None:
     pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(top)
 
 
-def cold_start(attributes, runs: int) -> tuple[float, float]:
+def cold_start(attributes, runs: int, models: str | None = None) -> tuple[float, float]:
     """Median seconds, in fresh processes, of import + Engine, and of building the Analyzer
     (its imports and model loads) after that."""
     def once() -> tuple[float, float]:
-        code = COLD.format(shared=str(ROOT / "shared"), attributes=list(attributes))
+        code = COLD.format(shared=str(ROOT / "shared"), attributes=list(attributes), models=models)
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"cold start failed:\n{proc.stderr}")
@@ -163,10 +165,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of the 5-face runs")
     ap.add_argument("--age-chips", choices=sorted(CHIP_SETS), help="the age network's chip set")
     ap.add_argument("--gender-chips", choices=sorted(CHIP_SETS), help="the gender network's chip set")
+    ap.add_argument("--models", help="model folder (default: faceflow's)")
     args = ap.parse_args()
     attributes = parse_attributes(args.attributes)
     cv2.setNumThreads(1)
-    engine = Engine(threads=1)
+    engine = Engine(threads=1, model_dir=args.models)
     analyzer = engine.analyzer(attributes)
     for estimator in analyzer.estimators:
         if isinstance(estimator, AgeGender):
@@ -227,7 +230,7 @@ def main() -> None:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS at the end: {rss_mb:.0f} MB (target <= {TARGET_RSS_MB:.0f} MB), "
           f"load average {load_average()}")
-    base, analysis_s = cold_start(attributes, args.cold_runs)
+    base, analysis_s = cold_start(attributes, args.cold_runs, args.models)
     print(f"cold start, median of {args.cold_runs} fresh processes: import + Engine {base:.2f} s, "
           f"then the Analyzer (imports + model loads) {analysis_s:.2f} s: {base + analysis_s:.2f} s "
           f"in all (target <= {TARGET_COLD_S:.0f} s); load average {load_average()}")

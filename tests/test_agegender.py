@@ -83,6 +83,29 @@ def test_similarity_transform_recovers_a_known_similarity():
     np.testing.assert_allclose(similarity_transform(src, dst), m_true, atol=1e-9)
 
 
+def _umeyama(src, dst):
+    """Umeyama's least-squares similarity through the SVD, as dlib computes it."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    u, sv, vt = np.linalg.svd(d.T @ s / len(src))
+    sign = np.diag([1.0, -1.0 if np.linalg.det(u) * np.linalg.det(vt) < 0 else 1.0])
+    scale = np.trace(np.diag(sv) @ sign) / ((s ** 2).sum() / len(src))
+    linear = scale * u @ sign @ vt
+    return np.hstack([linear, (mu_d - linear @ mu_s)[:, None]])
+
+
+def test_similarity_transform_is_umeyamas_on_noisy_and_mirrored_points():
+    # The closed form must give Umeyama's answer where no similarity fits exactly, mirrored
+    # point sets (the best proper rotation) included.
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        src = rng.uniform(0, 100, (5, 2))
+        dst = src @ (rng.uniform(0.2, 4) * _rotation(rng.uniform(-180, 180))).T + rng.normal(0, 3, (5, 2))
+        if rng.random() < 0.3:
+            dst[:, 0] *= -1
+        np.testing.assert_allclose(similarity_transform(src, dst), _umeyama(src, dst), rtol=1e-9, atol=1e-9)
+
+
 def test_chip_puts_dlibs_points_where_dlibs_template_says():
     """Five points that are an exact similarity of dlib's template land, in the chip, on the
     template's padded positions, for a small face and for a large one (pyramid path)."""
@@ -226,3 +249,17 @@ def test_gender_on_the_labelled_set_at_the_reported_rate(model_dir):
     assert totals["faces"] - totals["answered"] <= 3
     assert totals["faces"] - totals["forced_correct"] <= 2
     assert totals["faces"] - totals["age_in_range"] <= 6
+
+
+def test_blob_is_the_networks_normalisation_in_nchw():
+    # The blob is written chip by chip from views (channel-reversed, mirrored): it must equal
+    # (RGB - mean) / 256 transposed to NCHW, whatever the views' strides.
+    rng = np.random.default_rng(3)
+    bgr = [rng.integers(0, 256, (AGE_CHIP, AGE_CHIP, 3), dtype=np.uint8) for _ in range(3)]
+    chips = [bgr[0][..., ::-1], bgr[1][..., ::-1][:, ::-1], bgr[2]]
+    expected = np.stack([(c.astype(np.float32) - agegender.CHANNEL_MEANS_RGB) * np.float32(1 / 256)
+                         for c in chips]).transpose(0, 3, 1, 2)
+    got = AgeGender.blob(chips)
+    assert got.shape == (3, 3, AGE_CHIP, AGE_CHIP) and got.dtype == np.float32
+    assert got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)

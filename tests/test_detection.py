@@ -75,3 +75,22 @@ def test_anonymised_photos_show_no_face_at_low_threshold(engine, low_engine, fac
         again = low_engine.analyze_file(out)["faces"]
         left = [f for f in again if any(iou(f["box"], m) > 0 for m in masked)]
         assert left == [], f"{name}: a face is still detectable inside a mask"
+
+
+@pytest.mark.parametrize("swap_rb, mean", [(False, (0, 0, 0)), (True, (104, 117, 127))])
+def test_letterbox_blob_is_the_padded_image_in_nchw(swap_rb, mean):
+    # The detectors' input, built a channel plane at a time: the image (channels swapped when
+    # asked) less the mean, at the top left of the stride-padded frame, the padding at -mean.
+    import numpy as np
+    from faceflow.detectors import Letterbox
+
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (100, 150, 3), dtype=np.uint8) for _ in range(2)]
+    box = Letterbox.fit(100, 150, 640)
+    expected = np.zeros((2, box.height, box.width, 3), np.float32)
+    for i, img in enumerate(images):
+        expected[i, :100, :150] = img[..., ::-1] if swap_rb else img
+    expected = (expected - np.float32(mean)).transpose(0, 3, 1, 2)
+    got = box.blob(images, swap_rb=swap_rb, mean=mean)
+    assert got.shape == (2, 3, 128, 160) and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)
