@@ -10,7 +10,7 @@ boxes changed, with its JSON sidecar, the same faces the engine finds on this ma
 job recorded as done. The container must run as a non-root user and see no network interface
 but loopback: .ci/image runs this script in a network namespace of its own that has only
 loopback. The GPU image (its CPU variant) must load its engine and answer /ping, then run an
-anonymize job from and to moto.
+anonymize job from and to moto, and answer frames of a live stream over its gRPC service.
 
 Prints one JSON line of timings at the end; exits non-zero with the reason on any failure.
 """
@@ -202,13 +202,15 @@ def check_function_image(image: str, photo: tuple[str, bytes], workdir: Path, sa
 
 
 def check_gpu_image(image: str, photo: tuple[str, bytes], workdir: Path) -> dict:
-    """The GPU worker's CPU variant: /ping says 200 once its engine is in; one anonymize job."""
+    """The GPU worker's CPU variant: /ping says 200 once its engine is in; one anonymize job;
+    a gRPC stream round trip."""
     name, data = photo
     timings: dict[str, float] = {}
     with Stack(stills_handler=None, api_handler=None, workdir=workdir / "gpu-stack") as stack:
         port = free_port()
         env = {key: value for key, value in stack.env.items() if key.startswith(PASSED_PREFIXES)}
-        env.update(FACEFLOW_GPU_PORT=str(port), FACEFLOW_GPU_HOST="127.0.0.1")
+        grpc_port = free_port()
+        env.update(FACEFLOW_GPU_PORT=str(port), FACEFLOW_GPU_HOST="127.0.0.1", FACEFLOW_GPU_GRPC_PORT=str(grpc_port))
         started = time.monotonic()
         container = Container(image, env, workdir / "gpu-container.log")
         try:
@@ -248,9 +250,53 @@ def check_gpu_image(image: str, photo: tuple[str, bytes], workdir: Path) -> dict
             report = json.loads(stack.s3.get_object(Bucket=stack.output_bucket, Key=output_key + ".json")["Body"].read())
             expect(len(report["faces"]) >= 1, f"the GPU worker found no face: {report}")
             timings["gpu_faces"] = len(report["faces"])
+            started = time.monotonic()
+            replies = stream_round_trip(grpc_port, data)
+            timings["gpu_stream_s"] = round(time.monotonic() - started, 2)
+            expect([r.get("type") for r in replies] == ["result"] * len(replies),
+                   f"the gRPC stream service answered {replies}\n{container.log_tail()}")
+            expect(all(r.get("faces") and r.get("jpeg") for r in replies),
+                   f"a stream reply without faces or frame: {[{k: v for k, v in r.items() if k != 'jpeg'} for r in replies]}")
+            timings["gpu_stream_faces"] = len(replies[-1]["faces"])
             return timings
         finally:
             container.stop()
+
+
+def stream_round_trip(port: int, photo: bytes, frames: int = 3) -> list[dict]:
+    """Frames of the photo (at 640 px, as a camera would send) through the GPU container's gRPC
+    stream service, one at a time: each answer before the next frame goes."""
+    import queue
+
+    import grpc
+
+    from faceflow import stream, stream_pb2_grpc
+    from faceflow.streamgrpc import frame_to_proto, reply_from_proto
+
+    image = decode(photo, "the photo")
+    small = cv2.resize(image, (640, round(image.shape[0] * 640 / image.shape[1])), interpolation=cv2.INTER_AREA)
+    ok, jpeg = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    expect(ok, "cannot encode the stream frame")
+    outgoing: queue.Queue = queue.Queue()
+
+    def requests():
+        while (message := outgoing.get(timeout=60)) is not None:
+            yield frame_to_proto(message)
+
+    replies = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        except grpc.FutureTimeoutError:
+            raise CheckFailed(f"the gRPC stream service on port {port} did not come up") from None
+        answers = stream_pb2_grpc.FaceStreamStub(channel).Stream(requests(), timeout=120)
+        for seq in range(frames):
+            outgoing.put(stream.FrameMessage(seq=seq, timestamp=seq / 25, jpeg=jpeg.tobytes()))
+            replies.append(reply_from_proto(next(answers)))
+        outgoing.put(None)
+        for _ in answers:  # the server closes its side once ours is closed
+            pass
+    return replies
 
 
 def main(argv: list[str] | None = None) -> int:
