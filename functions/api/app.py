@@ -177,20 +177,12 @@ def create_job(request: JobRequest) -> JobCreated:
 def swap_fields(request: JobRequest, job_id: str, is_video: bool) -> Optional[dict]:
     """A swap job's source upload and record fields (None for another operation); 400 for a
     swap without a source or a source without a swap, or options that do not fit the target."""
-    if request.operation != SWAP:
-        if request.source_filename is not None or request.swap_options is not None:
-            raise BadRequestError("source_filename and swap_options are a swap's (\"operation\": \"swap\") only")
+    options = api.swap_request(request, is_video)
+    if options is None:
         return None
-    if request.source_filename is None:
-        raise BadRequestError("a swap needs source_filename: the photo of the face to put in, a second upload")
-    options = request.swap_options.model_dump(exclude_none=True) if request.swap_options else {}
-    if options.get("tracks") and not is_video:
-        raise BadRequestError("swap_options.tracks picks faces of a video (track ids from its analysis report)")
-    if options.get("tracks") and options.get("largest"):
-        raise BadRequestError("swap_options: choose either the largest face or tracks, not both")
     settings = adapters.settings
     key = swap_key(job_id, f"source/{request.source_filename}")
-    content_type = request.source_content_type or UPLOAD_CONTENT_TYPES[api.upload_suffix(request.source_filename)]
+    content_type = api.source_media_type(request)
     url = adapters.s3.generate_presigned_url("put_object", ExpiresIn=settings.url_ttl_s, Params={
         "Bucket": settings.input_bucket, "Key": key, "ContentType": content_type})
     return {"upload": Upload(url=url, headers={"Content-Type": content_type}, expires_in=settings.url_ttl_s),

@@ -35,10 +35,12 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from faceflow import media
+
 ENDPOINT_ENV = "FACEFLOW_GPU_ENDPOINT"
 REQUEST_PREFIX = "results/_gpu/requests/"   # output bucket; expires with results/
 CONTENT_TYPE = "application/json"
-OPERATIONS = ("anonymize", "analyze", "swap")
+OPERATIONS = media.OPERATIONS
 DONE, FAILED = "done", "failed"            # functions.common.jobs' statuses
 BACKEND = "gpu"
 MAX_INVOCATION_TIMEOUT_S = 3600           # SageMaker's limit for one async invocation

@@ -33,7 +33,7 @@ ANALYZE_PREFIX = "analyze/"  # the same, for analysis: only the JSON report is w
 SWAP_PREFIX = "swap/"
 SWAP_MANIFEST_SUFFIX = ".json"
 SWAP_MANIFEST_NAME = "manifest.json"   # the one an API job's completion writes: swap/{job_id}/manifest.json
-ANONYMIZE, ANALYZE, SWAP = "anonymize", "analyze", "swap"   # a job's operation (faceflow.routing.OPERATIONS)
+ANONYMIZE, ANALYZE, SWAP = media.ANONYMIZE, media.ANALYZE, media.SWAP  # a job's operations (faceflow.media)
 # Which operation an upload under each trigger prefix asks for.
 PREFIX_OPERATIONS = {UPLOAD_PREFIX: ANONYMIZE, ANALYZE_PREFIX: ANALYZE, SWAP_PREFIX: SWAP}
 RESULT_PREFIX = "results/"   # where results go in the output bucket

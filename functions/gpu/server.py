@@ -72,7 +72,7 @@ from faceflow.web.metrics import Metrics
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "faceflow-gpu"))
 
 TENSORRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
-OPERATIONS = ("anonymize", "analyze", "swap")
+OPERATIONS = media.OPERATIONS
 VIDEO_OUTPUTS = {ext: media.VIDEO_MEDIA_TYPES[ext] for ext in media.VIDEO_OUTPUT_EXTENSIONS}
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(?P<key>.+)$")

@@ -295,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--models", default=None, help="model folder (default $FACEFLOW_MODEL_DIR or ~/.cache/faceflow/models)")
         sp.add_argument("--providers", default=None, help="onnxruntime providers: cpu, gpu, or a comma list")
 
+    def media_output_options(sp):
+        """What anonymize and swap share: the batch summary and resume, a video's audio and the
+        detector's batch (their --hold differs in meaning, so each keeps its own)."""
+        sp.add_argument("--summary", default=None, help="batch summary, .csv or .json (default OUTPUT/faceflow-summary.csv)")
+        sp.add_argument("--force", action="store_true", help="redo files whose output is already there")
+        sp.add_argument("--no-audio", action="store_true", help="drop audio from videos (kept by default)")
+        sp.add_argument("--batch", type=int, default=1, help="video frames per detector call")
+
     a = sub.add_parser("anonymize", aliases=["anonymise"], help="mask every face in a photo, video or folder")
     a.add_argument("input")
     a.add_argument("-o", "--output", required=True, help="output file, or folder for a folder input")
@@ -305,15 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--report", default=None, help="JSON report (file; a folder for a folder input)")
     a.add_argument("--from-report", default=None, metavar="EDITED.json",
                    help="mask exactly the faces of this (edited) report instead of detecting them")
-    a.add_argument("--summary", default=None, help="batch summary, .csv or .json (default OUTPUT/faceflow-summary.csv)")
     a.add_argument("--workers", type=int, default=1, help="parallel processes (a folder: files; a video: chunks)")
     a.add_argument("--chunk-seconds", type=float, default=6.0, help="chunk length for a video with --workers > 1")
-    a.add_argument("--force", action="store_true", help="redo files whose output is already there")
-    a.add_argument("--no-audio", action="store_true", help="drop audio from videos (kept by default)")
     a.add_argument("--no-verify", action="store_true", help="skip the check that masked faces are undetectable (photos)")
     a.add_argument("--verify-video", action="store_true", help="run that check on every video frame too (about half the speed)")
     a.add_argument("--hold", type=float, default=1.5, help="seconds a lost face stays covered in video")
-    a.add_argument("--batch", type=int, default=1, help="video frames per detector call")
+    media_output_options(a)
     engine_options(a)
     a.set_defaults(func=cmd_anonymize)
 
@@ -346,11 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--engine", default=None,
                    help="landmark (default, shipped models) or inswapper (your own inswapper_128.onnx and w600k_r50.onnx in --models)")
     w.add_argument("--report", default=None, help="JSON report of each swapped face and track (a folder for a folder input)")
-    w.add_argument("--summary", default=None, help="batch summary, .csv or .json (default OUTPUT/faceflow-summary.csv)")
-    w.add_argument("--force", action="store_true", help="redo files whose output is already there")
-    w.add_argument("--no-audio", action="store_true", help="drop audio from videos (kept by default)")
     w.add_argument("--hold", type=float, default=1.5, help="seconds the tracker follows a lost face in video")
-    w.add_argument("--batch", type=int, default=1, help="video frames per detector call")
+    media_output_options(w)
     engine_options(w)
     w.set_defaults(func=cmd_swap)
 

@@ -31,6 +31,10 @@ VIDEO_EXTENSIONS = frozenset(VIDEO_MEDIA_TYPES)
 # Containers that take H.264 as written by the encoder; other video inputs are written as .mp4.
 VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv")
 
+# A job's operations: what is done to the faces it finds.
+ANONYMIZE, ANALYZE, SWAP = "anonymize", "analyze", "swap"
+OPERATIONS = (ANONYMIZE, ANALYZE, SWAP)
+
 # Job ids faceflow makes (uuid4 hex).
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 

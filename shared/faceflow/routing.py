@@ -54,7 +54,7 @@ from typing import Any, Iterable, Mapping
 from . import media
 
 TARGETS = ("lambda", "gpu")
-OPERATIONS = ("anonymize", "analyze", "swap")
+OPERATIONS = media.OPERATIONS
 MEDIA = ("image", "video")
 SENSITIVITIES = ("public", "standard", "private")
 PRIORITIES = ("low", "normal", "high")

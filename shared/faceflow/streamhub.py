@@ -67,14 +67,8 @@ class Outbox:
         self._ready = threading.Condition()
 
     def offer(self, item) -> bool:
-        with self._ready:
-            if len(self._items) >= self.size:
-                return False
-            self._items.append(item)
-            self._ready.notify_all()
-        if self.wake is not None:
-            self.wake()
-        return True
+        """Add `item` if there is room now; False if not."""
+        return self.put(item, timeout=0)
 
     def put(self, item, timeout: float) -> bool:
         """Add `item`, waiting up to `timeout` seconds for room; False if none came."""

@@ -160,7 +160,7 @@ class JobRequest(BaseModel):
         default=None, description="private: processed only by the Lambda functions, never the GPU endpoint")
     priority: Optional[Literal["low", "normal", "high"]] = Field(
         default=None, description="low-priority long videos may wait for the GPU endpoint")
-    operation: Optional[Literal["anonymize", "analyze", "swap"]] = Field(
+    operation: Optional[Literal[media.OPERATIONS]] = Field(
         default=None, description="anonymize (default): the masked photo or video and its report; analyze: only the "
                                   "JSON report, each face with its attributes (a video: per frame, and per track a "
                                   "summary of a sample of its faces); swap: the source face (source_filename) put "
@@ -175,6 +175,28 @@ class JobRequest(BaseModel):
         "an edited report (the README's Review: the report of an earlier job with faces removed, exempted or "
         "added, tracks dropped or exempted, boxes drawn by hand): the job renders exactly its faces instead of "
         f"detecting them; operation anonymize only; at most {MAX_REPORT_BYTES} bytes as JSON"))
+
+
+def swap_request(request: JobRequest, is_video: bool) -> Optional[dict]:
+    """A swap job's options as given (None for another operation); 400 for a swap without a
+    source, a source or options without a swap, or options that do not fit the target."""
+    if request.operation != media.SWAP:
+        if request.source_filename is not None or request.swap_options is not None:
+            raise BadRequestError("source_filename and swap_options are a swap's (\"operation\": \"swap\") only")
+        return None
+    if request.source_filename is None:
+        raise BadRequestError("a swap needs source_filename: the photo of the face to put in, a second upload")
+    options = request.swap_options.model_dump(exclude_none=True) if request.swap_options else {}
+    if options.get("tracks") and not is_video:
+        raise BadRequestError("swap_options.tracks picks faces of a video (track ids from its analysis report)")
+    if options.get("tracks") and options.get("largest"):
+        raise BadRequestError("swap_options: choose either the largest face or tracks, not both")
+    return options
+
+
+def source_media_type(request: JobRequest) -> str:
+    """A swap's source photo's Content-Type: as given, else its extension's."""
+    return request.source_content_type or UPLOAD_CONTENT_TYPES[upload_suffix(request.source_filename)]
 
 
 class Upload(BaseModel):

@@ -52,7 +52,7 @@ UPLOADING = "uploading"
 RECEIVED = "received"    # an upload that is whole
 UPLOADED = "uploaded"    # a swap job's stage once both uploads are in, until POST .../complete
 TARGET, SOURCE = "input", "source"  # a job's uploads: the photo or video, and a swap's source face photo
-SWAP = "swap"
+SWAP = media.SWAP
 UPLOAD_CHUNK = 1 * MIB
 
 
@@ -452,17 +452,9 @@ def swap_fields(request: api.JobRequest, is_video: bool, model_dir) -> dict:
     checks them (functions/api/app.py), and the engine's weights: 400 when it cannot run."""
     from faceflow.bundle import ModelError
     from faceflow.images import BadInput
-    if request.operation != SWAP:
-        if request.source_filename is not None or request.swap_options is not None:
-            raise BadRequestError("source_filename and swap_options are a swap's (\"operation\": \"swap\") only")
+    options = api.swap_request(request, is_video)
+    if options is None:
         return {}
-    if request.source_filename is None:
-        raise BadRequestError("a swap needs source_filename: the photo of the face to put in, a second upload")
-    options = request.swap_options.model_dump(exclude_none=True) if request.swap_options else {}
-    if options.get("tracks") and not is_video:
-        raise BadRequestError("swap_options.tracks picks faces of a video (track ids from its analysis report)")
-    if options.get("tracks") and options.get("largest"):
-        raise BadRequestError("swap_options: choose either the largest face or tracks, not both")
     from faceflow.swap import SwapOptions
     try:
         SwapOptions(**options)
@@ -471,8 +463,8 @@ def swap_fields(request: api.JobRequest, is_video: bool, model_dir) -> dict:
             model_files(model_dir)
     except (BadInput, ModelError) as exc:
         raise BadRequestError(f"swap_options: {exc}") from None
-    source_type = request.source_content_type or api.UPLOAD_CONTENT_TYPES[api.upload_suffix(request.source_filename)]
-    return {"source_filename": request.source_filename, "source_content_type": source_type, "options": options}
+    return {"source_filename": request.source_filename, "source_content_type": api.source_media_type(request),
+            "options": options}
 
 
 def add_compat_routes(app: APIGatewayHttpResolver, photos: api.PhotoRoutes, engines: Engines) -> None:
