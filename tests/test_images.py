@@ -345,3 +345,16 @@ def test_analysis_of_a_large_photo_from_a_reduced_decode_finds_the_same_faces(na
     assert len(record["faces"]) == len(full) >= 2
     for face in full:
         assert max(iou(face.box, found["box"]) for found in record["faces"]) > 0.85
+
+
+def test_an_atomically_written_output_gets_the_mode_of_any_new_file(tmp_path):
+    """The temporary file an output is written through is private; the output must not be."""
+    import os
+    from faceflow.images import atomic_write
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "out.jpg", b"data")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.jpg").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jpg"]
